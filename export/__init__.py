@@ -1,0 +1,1 @@
+"""Workstation side: backbones, patch embedder, coreset, fitting, ONNX export (needs torch)."""

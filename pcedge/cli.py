@@ -1,0 +1,64 @@
+"""The ``pcedge`` command: one sub-command per module.
+
+Each command lives in its own module exposing ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``. Those modules import heavy packages (torch, tensorrt) inside ``run`` only, so
+``pcedge --help`` and every device command work on a machine without torch. This composition root is the
+only place that names both sides; ``pcedge.runtime`` itself never imports ``pcedge.export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+#: (command, module). Order is the order of a user's workflow.
+COMMANDS: list[tuple[str, str]] = [
+    ("export", "pcedge.export.cli_export"),
+    ("info", "pcedge.runtime.cli_info"),
+    ("predict", "pcedge.runtime.cli_predict"),
+    ("verify", "pcedge.runtime.cli_verify"),
+    ("eval", "pcedge.runtime.cli_eval"),
+    ("bench", "pcedge.runtime.cli_bench"),
+    ("build-engine", "pcedge.runtime.cli_build_engine"),
+    ("pack", "pcedge.runtime.cli_pack"),
+    ("unpack", "pcedge.runtime.cli_unpack"),
+    ("watch", "pcedge.runtime.cli_watch"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pcedge",
+        description="PatchCore anomaly detection for edge GPUs: export on a workstation, run on the device.",
+    )
+    parser.add_argument("--version", action="version", version=f"pcedge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module_name in COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("pcedge."):
+                continue  # a command whose module is not part of this build
+            raise
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""The bundle: the contract between the exporter (workstation) and the runtime (device).
+
+A bundle is a directory (``NAME.pcedge/``) holding
+
+- ``manifest.json``   -- everything below as JSON (schema :data:`SCHEMA_VERSION`), with the sha256 and
+                          size of every other file;
+- ``model.onnx``      -- the patch embedder: images ``[B, 3, H, W]`` float32 RGB in [0, 1] ->
+                          embeddings ``[B, h*w, D]`` float32;
+- ``memory_bank.npy`` -- the coreset, float32 ``[N, D]``: the source of truth for every index;
+- ``index.hnsw``      -- an hnswlib index over the memory bank (rebuildable from it);
+- ``check/``          -- reference inputs, embeddings and scores for ``pcedge verify``;
+- ``engines/``        -- TensorRT plans built on the device.
+
+This module is the only place that knows the on-disk layout: the exporter writes through
+:class:`BundleWriter`, the runtime reads through :func:`open_bundle`. It depends on the standard library
+and numpy only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = "pcedge-bundle"
+#: Readers accept manifests up to this version and refuse newer ones.
+SCHEMA_VERSION = 1
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+MEMORY_BANK_FILE = "memory_bank.npy"
+INDEX_FILE = "index.hnsw"
+CHECK_DIR = "check"
+ENGINES_DIR = "engines"
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used: missing, tampered, too new, or malformed. The message names the file."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest sections. Every field has a default so that older manifests (fewer keys) still load.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Geometry:
+    """How a decoded image becomes the network input (shared by exporter and runtime).
+
+    mode:
+      - ``stretch``   -- resize the whole frame to ``width x height`` (aspect ratio not kept);
+      - ``letterbox`` -- resize keeping the aspect ratio, pad the rest with ``pad_value``;
+      - ``crop``      -- the paper's MVTec protocol: resize the shorter side to ``resize``, centre-crop
+                         ``width x height`` (parts of the frame are not seen).
+    """
+
+    mode: str = "stretch"
+    height: int = 224
+    width: int = 224
+    resize: int = 256  # shorter side before the crop; used by mode "crop" only
+    pad_value: float = 0.5  # letterbox padding, in [0, 1] RGB (mid-grey: no artificial edges)
+
+
+@dataclass
+class InputSpec:
+    name: str = "images"
+    shape: list[Any] = field(default_factory=lambda: ["batch", 3, 224, 224])
+    dtype: str = "float32"
+    colour_order: str = "RGB"
+    value_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    geometry: Geometry = field(default_factory=Geometry)
+    # The backbone's own normalisation happens inside the graph; this says which one.
+    normalisation: str = "in graph"
+
+
+@dataclass
+class OutputSpec:
+    name: str = "embeddings"
+    shape: list[Any] = field(default_factory=lambda: ["batch", 784, 152])
+    grid_h: int = 28
+    grid_w: int = 28
+    dim: int = 152
+    stride: int = 8
+
+
+@dataclass
+class ParityReport:
+    """ONNX Runtime CPU versus torch on real images, measured at export time."""
+
+    n_images: int = 0
+    max_abs_diff: float = 0.0
+    max_rel_error: float = 0.0  # max |onnx - torch| / max |torch|
+    min_cosine: float = 1.0
+
+
+@dataclass
+class ModelSpec:
+    file: str = MODEL_FILE
+    backbone: str = "efficientnet_lite0"
+    weights: str = ""  # where the weights came from (package, file, download, or "random")
+    layers: list[str] = field(default_factory=list)
+    layer_channels: list[int] = field(default_factory=list)
+    layer_strides: list[int] = field(default_factory=list)
+    aggregation: str = "avg_pool 3x3, stride 1, same size"
+    upsample: str = "bilinear to the stride-8 grid"
+    projection_dim: int | None = None  # None: no projection (D = sum of layer channels)
+    opset: int = 18
+    parity: ParityReport = field(default_factory=ParityReport)
+
+
+@dataclass
+class MemoryBankSpec:
+    file: str = MEMORY_BANK_FILE
+    n: int = 0
+    dim: int = 0
+    dtype: str = "float32"
+    n_features_total: int = 0  # patch features of all training images, before the coreset
+    n_train_images: int = 0
+    coreset: str = "greedy"  # "greedy" (paper §3.2) or "none" (the full bank)
+    coreset_ratio: float = 1.0  # n / n_features_total
+    projection_dim: int = 128  # the random projection used only to *select* the coreset
+    seed: int = 0
+    coverage_radius: float = 0.0  # max over bank features of the distance to the nearest coreset feature
+    selection_seconds: float = 0.0
+
+
+@dataclass
+class IndexSpec:
+    kind: str = "hnsw"
+    file: str | None = INDEX_FILE
+    space: str = "l2"  # hnswlib's l2 is the *squared* distance; the runtime takes the root
+    M: int = 16
+    ef_construction: int = 200
+    ef: int = 32  # default query-time ef (always raised to at least k)
+    seed: int = 100
+
+
+@dataclass
+class ScoringSpec:
+    k: int = 1  # nearest neighbours per patch (the patch score uses the first)
+    reweight: bool = True  # the paper's Eq. 7 image-score re-weighting
+    reweight_b: int = 9  # |N_b(m*)|: support neighbours of m* used by Eq. 7
+    blur_sigma: float = 4.0  # Gaussian sigma of the anomaly map at blur_reference_size pixels
+    blur_reference_size: int = 224
+
+
+@dataclass
+class ThresholdSpec:
+    """The image-score threshold, calibrated on held-out good images only.
+
+    The normalised score is ``clip(0.5 + 0.5 * (score - value) / scale, 0, 1)``: the threshold maps to 0.5
+    and the lowest held-out nominal score (``value - scale``) to 0.
+    """
+
+    value: float = 0.0
+    scale: float = 1.0
+    method: str = ""
+    target_fpr: float = 0.01
+    n_images: int = 0
+    source: str = ""  # "val dir ..." or "held-out fraction ... of train"
+    nominal_scores: list[float] = field(default_factory=list)  # the held-out scores, for reporting
+
+
+@dataclass
+class CheckSpec:
+    """Reference data for ``pcedge verify``: the exporter's own outputs on a few real images."""
+
+    images: str | None = None  # [n, 3, H, W] float32 network inputs
+    embeddings: str | None = None  # [n, h*w, D] float32, from torch at export time
+    scores: str | None = None  # [n] float32 image scores with the exact index
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EngineSpec:
+    """A TensorRT plan built on a device (``engines/<sm>-trt<major.minor>-<precision>.engine``)."""
+
+    file: str = ""
+    sm: str = ""  # compute capability, e.g. "sm87"
+    trt_version: str = ""
+    precision: str = "fp32"
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 1
+    built_at: str = ""
+    device_name: str = ""
+    workspace_mb: int = 0
+
+
+@dataclass
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass
+class Manifest:
+    format: str = FORMAT
+    schema_version: int = SCHEMA_VERSION
+    created: str = ""
+    exporter: dict[str, str] = field(default_factory=dict)  # package -> version
+    input: InputSpec = field(default_factory=InputSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    memory_bank: MemoryBankSpec = field(default_factory=MemoryBankSpec)
+    index: IndexSpec = field(default_factory=IndexSpec)
+    scoring: ScoringSpec = field(default_factory=ScoringSpec)
+    threshold: ThresholdSpec = field(default_factory=ThresholdSpec)
+    check: CheckSpec = field(default_factory=CheckSpec)
+    engines: list[EngineSpec] = field(default_factory=list)
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = MANIFEST) -> "Manifest":
+        return _from_dict(cls, data, source)
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses; unknown keys are an error."""
+    if not isinstance(data, dict):
+        raise BundleError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise BundleError(f"{where}: unknown keys {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    nested = {
+        "input": InputSpec, "output": OutputSpec, "model": ModelSpec, "memory_bank": MemoryBankSpec,
+        "index": IndexSpec, "scoring": ScoringSpec, "threshold": ThresholdSpec, "check": CheckSpec,
+        "geometry": Geometry, "parity": ParityReport,
+    }
+    for key, value in data.items():
+        if key in nested and dataclasses.is_dataclass(nested[key]) and isinstance(value, dict):
+            kwargs[key] = _from_dict(nested[key], value, f"{where}.{key}")
+        elif key == "engines":
+            kwargs[key] = [_from_dict(EngineSpec, v, f"{where}.engines[{i}]") for i, v in enumerate(value)]
+        elif key == "files":
+            kwargs[key] = {name: _from_dict(FileEntry, v, f"{where}.files.{name}") for name, v in value.items()}
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checksums
+# --------------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(root: Path, rel: str) -> FileEntry:
+    path = root / rel
+    return FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def _listed_files(root: Path) -> list[str]:
+    """Every regular file below ``root`` except the manifest, as sorted POSIX relative paths."""
+    out = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MANIFEST and not path.name.endswith(".tmp"):
+            out.append(path.relative_to(root).as_posix())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bundle:
+    """An opened, verified bundle: its directory and manifest."""
+
+    root: Path
+    manifest: Manifest
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    @property
+    def model_path(self) -> Path:
+        return self.root / self.manifest.model.file
+
+    @property
+    def memory_bank_path(self) -> Path:
+        return self.root / self.manifest.memory_bank.file
+
+    @property
+    def index_path(self) -> Path | None:
+        rel = self.manifest.index.file
+        return self.root / rel if rel and (self.root / rel).exists() else None
+
+    def load_memory_bank(self):
+        """The coreset, float32 ``[N, D]`` (memory-mapped read-only, then copied contiguous)."""
+        import numpy as np
+
+        path = self.memory_bank_path
+        try:
+            bank = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise BundleError(f"{path}: not a readable .npy array ({exc})") from exc
+        spec = self.manifest.memory_bank
+        if bank.dtype != np.float32 or bank.ndim != 2 or bank.shape != (spec.n, spec.dim):
+            raise BundleError(
+                f"{path}: expected float32 [{spec.n}, {spec.dim}] as the manifest says, "
+                f"found {bank.dtype} {list(bank.shape)}"
+            )
+        return np.ascontiguousarray(bank)
+
+    def load_check_arrays(self):
+        """``(images [n,3,H,W], embeddings [n,h*w,D], scores [n])`` stored at export time, or None."""
+        import numpy as np
+
+        spec = self.manifest.check
+        if not (spec.images and spec.embeddings and spec.scores):
+            return None
+        return tuple(np.load(self.root / rel, allow_pickle=False) for rel in (spec.images, spec.embeddings, spec.scores))
+
+    def update_manifest(self, manifest: Manifest) -> None:
+        """Rewrite the manifest atomically (temp file + rename), recomputing every file's checksum."""
+        manifest.files = {rel: file_entry(self.root, rel) for rel in _listed_files(self.root)}
+        _atomic_write_text(self.root / MANIFEST, manifest.to_json())
+        self.manifest = manifest
+
+
+def read_manifest(root: Path) -> Manifest:
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.exists():
+        raise BundleError(f"{root}: no such bundle directory")
+    if not root.is_dir():
+        raise BundleError(f"{root}: a bundle is a directory (NAME.pcedge/); use `pcedge unpack` for archives")
+    if not path.exists():
+        raise BundleError(f"{path}: missing; {root} is not a pcedge bundle")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a pcedge manifest (format is {data.get('format') if isinstance(data, dict) else None!r})")
+    version = data.get("schema_version")
+    if not isinstance(version, int):
+        raise BundleError(f"{path}: schema_version missing or not an integer")
+    if version > SCHEMA_VERSION:
+        raise BundleError(
+            f"{path}: schema_version {version} is newer than this pcedge reads ({SCHEMA_VERSION}); "
+            "upgrade pcedge on this device"
+        )
+    return Manifest.from_dict(data, source=str(path))
+
+
+def verify_files(root: Path, manifest: Manifest) -> None:
+    """Check every listed file's size and sha256; raise :class:`BundleError` naming the first bad file."""
+    for rel, entry in manifest.files.items():
+        path = root / rel
+        if not path.is_file():
+            raise BundleError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise BundleError(f"{path}: size {size} bytes, manifest says {entry.size}: the file was changed")
+        if sha256_file(path) != entry.sha256:
+            raise BundleError(f"{path}: sha256 does not match the manifest: the file was changed or corrupted")
+    for required in (manifest.model.file, manifest.memory_bank.file):
+        if required not in manifest.files:
+            raise BundleError(f"{root / MANIFEST}: required file {required} is not listed")
+
+
+def open_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
+    """Open a bundle directory; with ``verify`` every file's checksum is checked first."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if verify:
+        verify_files(root, manifest)
+    return Bundle(root=root, manifest=manifest)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class BundleWriter:
+    """Writes a bundle into a hidden temporary directory beside ``target``; :meth:`commit` renames it in.
+
+    Use as a context manager: an exception (or Ctrl-C) inside the block removes the temporary directory,
+    so a crash never leaves half a bundle at ``target``::
+
+        with BundleWriter(out, force=False) as writer:
+            np.save(writer.path(MEMORY_BANK_FILE), bank)
+            ...
+            writer.commit(manifest)
+    """
+
+    def __init__(self, target: str | os.PathLike[str], force: bool = False):
+        self.target = Path(target)
+        if self.target.exists() and not force:
+            raise FileExistsError(f"{self.target}: already exists; pass --force to overwrite it")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent))
+        self.committed = False
+
+    def path(self, rel: str) -> Path:
+        path = self.tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def commit(self, manifest: Manifest) -> Path:
+        manifest.files = {rel: file_entry(self.tmp, rel) for rel in _listed_files(self.tmp)}
+        manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        _atomic_write_text(self.tmp / MANIFEST, manifest.to_json())
+        old = None
+        if self.target.exists():
+            # Move the old bundle aside first so that the target name is never empty-handed mid-way.
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self.committed = True
+        return self.target
+
+    def abort(self) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "BundleWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.abort()

@@ -1,0 +1,180 @@
+"""Decoding and geometry: file -> float32 RGB [0, 1] -> network input ``[B, 3, H, W]`` (OpenCV, numpy only).
+
+The exporter uses these same functions, so training and inference see identical pixels. The inverse
+(:meth:`Placement.to_original`) puts an anomaly map computed on the network input back into the original
+image's coordinates, marking pixels the network never saw as NaN.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .bundle import Geometry
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used; the message names the file and what is wrong."""
+
+
+def to_rgb_float(image: np.ndarray, source: str = "<array>") -> np.ndarray:
+    """Any OpenCV-decoded array (BGR/BGRA/gray, uint8/uint16/float) -> float32 RGB ``[H, W, 3]`` in [0, 1].
+
+    The pixel scale comes from the dtype (uint8: /255, uint16: /65535), never from the image's maximum,
+    so a dark frame stays dark. Alpha is dropped (the camera's colour is what matters, not transparency).
+    """
+    if image is None or not isinstance(image, np.ndarray) or image.size == 0:
+        raise ImageError(f"{source}: empty or undecodable image")
+    if image.dtype == np.uint8:
+        scale = 1.0 / 255.0
+    elif image.dtype == np.uint16:
+        scale = 1.0 / 65535.0
+    elif image.dtype in (np.float32, np.float64):
+        scale = 1.0
+    else:
+        raise ImageError(f"{source}: unsupported pixel type {image.dtype}")
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    elif image.ndim == 3 and image.shape[2] == 1:
+        image = cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
+    elif image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    else:
+        raise ImageError(f"{source}: unsupported image shape {list(image.shape)}")
+    out = image.astype(np.float32) * np.float32(scale)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode a file to float32 RGB ``[H, W, 3]`` in [0, 1]; :class:`ImageError` names the file if it fails."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ImageError(f"{path}: no such file")
+    data = np.fromfile(path, dtype=np.uint8)  # fromfile + imdecode also handles non-ASCII paths
+    if data.size == 0:
+        raise ImageError(f"{path}: empty file")
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise ImageError(f"{path}: not a readable image (corrupt, truncated or not an image format OpenCV decodes)")
+    return to_rgb_float(image, path)
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """Image files directly inside ``folder`` (by suffix), sorted by name."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the network input sits in the original image.
+
+    The network input (``net_h x net_w``) shows the original region ``[y0:y1, x0:x1]`` (in original pixel
+    coordinates, possibly fractional), drawn into the input rectangle ``[top:top+inner_h, left:left+inner_w]``
+    (letterbox padding outside it).
+    """
+
+    orig_h: int
+    orig_w: int
+    net_h: int
+    net_w: int
+    # region of the original image that is visible, in original pixels
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    # where that region lands in the network input
+    top: int
+    left: int
+    inner_h: int
+    inner_w: int
+
+    def to_original(self, net_map: np.ndarray) -> np.ndarray:
+        """``[net_h, net_w]`` float32 map -> ``[orig_h, orig_w]`` float32; pixels the network did not see are NaN."""
+        inner = net_map[self.top : self.top + self.inner_h, self.left : self.left + self.inner_w]
+        out = np.full((self.orig_h, self.orig_w), np.nan, dtype=np.float32)
+        ix0, iy0 = int(round(self.x0)), int(round(self.y0))
+        ix1, iy1 = int(round(self.x1)), int(round(self.y1))
+        ix0, iy0 = max(ix0, 0), max(iy0, 0)
+        ix1, iy1 = min(ix1, self.orig_w), min(iy1, self.orig_h)
+        if ix1 > ix0 and iy1 > iy0:
+            out[iy0:iy1, ix0:ix1] = cv2.resize(
+                np.ascontiguousarray(inner, dtype=np.float32), (ix1 - ix0, iy1 - iy0), interpolation=cv2.INTER_LINEAR
+            )
+        return out
+
+    def seen_mask(self) -> np.ndarray:
+        """``[orig_h, orig_w]`` bool: True where the network saw the original image."""
+        mask = np.zeros((self.orig_h, self.orig_w), dtype=bool)
+        ix0, iy0 = max(int(round(self.x0)), 0), max(int(round(self.y0)), 0)
+        ix1, iy1 = min(int(round(self.x1)), self.orig_w), min(int(round(self.y1)), self.orig_h)
+        mask[iy0:iy1, ix0:ix1] = True
+        return mask
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    # INTER_AREA when shrinking (anti-aliased, like a camera's binning), bilinear when enlarging.
+    shrinking = width < image.shape[1] or height < image.shape[0]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def fit_geometry(image: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Placement]:
+    """float32 RGB ``[h, w, 3]`` -> float32 RGB ``[H, W, 3]`` network input and its :class:`Placement`."""
+    h, w = image.shape[:2]
+    H, W = geometry.height, geometry.width
+    if geometry.mode == "stretch":
+        out = _resize(image, W, H)
+        return out, Placement(h, w, H, W, 0.0, 0.0, float(w), float(h), 0, 0, H, W)
+    if geometry.mode == "letterbox":
+        scale = min(W / w, H / h)
+        inner_w = max(1, min(W, int(round(w * scale))))
+        inner_h = max(1, min(H, int(round(h * scale))))
+        top, left = (H - inner_h) // 2, (W - inner_w) // 2
+        out = np.full((H, W, 3), geometry.pad_value, dtype=np.float32)
+        out[top : top + inner_h, left : left + inner_w] = _resize(image, inner_w, inner_h)
+        return out, Placement(h, w, H, W, 0.0, 0.0, float(w), float(h), top, left, inner_h, inner_w)
+    if geometry.mode == "crop":
+        # torchvision's Resize(int) + CenterCrop: the shorter side becomes `resize`, then crop H x W.
+        scale = geometry.resize / min(h, w)
+        rw, rh = max(W, int(round(w * scale))), max(H, int(round(h * scale)))
+        resized = _resize(image, rw, rh)
+        top, left = (rh - H) // 2, (rw - W) // 2
+        out = np.ascontiguousarray(resized[top : top + H, left : left + W])
+        sx, sy = w / rw, h / rh
+        return out, Placement(h, w, H, W, left * sx, top * sy, (left + W) * sx, (top + H) * sy, 0, 0, H, W)
+    raise ValueError(f"unknown geometry mode {geometry.mode!r} (expected stretch, letterbox or crop)")
+
+
+def check_geometry(geometry: Geometry, multiple: int = 16) -> None:
+    """The backbone's stride-16 tap needs input sides that are multiples of 16."""
+    if geometry.mode not in ("stretch", "letterbox", "crop"):
+        raise ValueError(f"geometry mode {geometry.mode!r}: expected stretch, letterbox or crop")
+    for name, value in (("height", geometry.height), ("width", geometry.width)):
+        if value <= 0 or value % multiple:
+            raise ValueError(f"input {name} {value} must be a positive multiple of {multiple}")
+    if geometry.mode == "crop" and geometry.resize < max(geometry.height, geometry.width):
+        raise ValueError(f"resize {geometry.resize} is smaller than the crop {geometry.height}x{geometry.width}")
+
+
+def to_tensor(images: list[np.ndarray]) -> np.ndarray:
+    """List of float32 RGB ``[H, W, 3]`` -> contiguous float32 ``[B, 3, H, W]``."""
+    return np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def prepare(images: list[np.ndarray], geometry: Geometry) -> tuple[np.ndarray, list[Placement]]:
+    """Decoded float32 RGB images -> network batch ``[B, 3, H, W]`` and one placement per image."""
+    fitted = [fit_geometry(image, geometry) for image in images]
+    return to_tensor([f[0] for f in fitted]), [f[1] for f in fitted]
+
+
+def load_batch(paths: list[str | os.PathLike[str]], geometry: Geometry) -> tuple[np.ndarray, list[Placement]]:
+    """Files -> network batch ``[B, 3, H, W]`` and placements (raises :class:`ImageError` on a bad file)."""
+    return prepare([read_image(p) for p in paths], geometry)
