@@ -1,6 +1,9 @@
-"""Decoding and geometry: file -> float32 RGB [0, 1] -> network input ``[B, 3, H, W]`` (OpenCV, numpy only).
+"""Decoding and geometry: file -> decoded array -> network input ``[B, 3, H, W]`` float32 RGB in [0, 1].
 
-The exporter uses these same functions, so training and inference see identical pixels. The inverse
+OpenCV and numpy only. Arrays follow OpenCV's convention (what ``cv2.imread`` and ``cv2.VideoCapture``
+give): gray ``[H, W]``, BGR ``[H, W, 3]`` or BGRA ``[H, W, 4]``; uint8, uint16, or float in [0, 1]. The frame is
+resized in its native dtype first and converted to float RGB afterwards, so the per-pixel work happens on
+the small image. The exporter uses these same functions, so training and inference see identical pixels. The inverse
 (:meth:`Placement.to_original`) puts an anomaly map computed on the network input back into the original
 image's coordinates, marking pixels the network never saw as NaN.
 """
@@ -54,7 +57,10 @@ def to_rgb_float(image: np.ndarray, source: str = "<array>") -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode a file to float32 RGB ``[H, W, 3]`` in [0, 1]; :class:`ImageError` names the file if it fails."""
+    """Decode a file as OpenCV does (gray, BGR or BGRA; uint8 or uint16), unchanged in size.
+
+    :class:`ImageError` names the file if it cannot be read.
+    """
     path = str(path)
     if not os.path.isfile(path):
         raise ImageError(f"{path}: no such file")
@@ -64,7 +70,18 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise ImageError(f"{path}: not a readable image (corrupt, truncated or not an image format OpenCV decodes)")
-    return to_rgb_float(image, path)
+    check_frame(image, path)
+    return image
+
+
+def check_frame(image: np.ndarray, source: str = "<array>") -> None:
+    """Raise :class:`ImageError` unless ``image`` is a usable OpenCV-convention frame."""
+    if not isinstance(image, np.ndarray) or image.size == 0:
+        raise ImageError(f"{source}: empty or undecodable image")
+    if image.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+        raise ImageError(f"{source}: unsupported pixel type {image.dtype}")
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+        raise ImageError(f"{source}: unsupported image shape {list(image.shape)} (expected gray, BGR or BGRA)")
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
@@ -126,12 +143,17 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def fit_geometry(image: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Placement]:
-    """float32 RGB ``[h, w, 3]`` -> float32 RGB ``[H, W, 3]`` network input and its :class:`Placement`."""
+def fit_geometry(image: np.ndarray, geometry: Geometry, source: str = "<array>") -> tuple[np.ndarray, Placement]:
+    """OpenCV-convention frame ``[h, w(, c)]`` -> float32 RGB ``[H, W, 3]`` in [0, 1] and its :class:`Placement`."""
+    check_frame(image, source)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.dtype == np.float64:
+        image = image.astype(np.float32)
     h, w = image.shape[:2]
     H, W = geometry.height, geometry.width
     if geometry.mode == "stretch":
-        out = _resize(image, W, H)
+        out = to_rgb_float(_resize(image, W, H), source)
         return out, Placement(h, w, H, W, 0.0, 0.0, float(w), float(h), 0, 0, H, W)
     if geometry.mode == "letterbox":
         scale = min(W / w, H / h)
@@ -139,7 +161,7 @@ def fit_geometry(image: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Pla
         inner_h = max(1, min(H, int(round(h * scale))))
         top, left = (H - inner_h) // 2, (W - inner_w) // 2
         out = np.full((H, W, 3), geometry.pad_value, dtype=np.float32)
-        out[top : top + inner_h, left : left + inner_w] = _resize(image, inner_w, inner_h)
+        out[top : top + inner_h, left : left + inner_w] = to_rgb_float(_resize(image, inner_w, inner_h), source)
         return out, Placement(h, w, H, W, 0.0, 0.0, float(w), float(h), top, left, inner_h, inner_w)
     if geometry.mode == "crop":
         # torchvision's Resize(int) + CenterCrop: the shorter side becomes `resize`, then crop H x W.
@@ -147,7 +169,7 @@ def fit_geometry(image: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Pla
         rw, rh = max(W, int(round(w * scale))), max(H, int(round(h * scale)))
         resized = _resize(image, rw, rh)
         top, left = (rh - H) // 2, (rw - W) // 2
-        out = np.ascontiguousarray(resized[top : top + H, left : left + W])
+        out = to_rgb_float(np.ascontiguousarray(resized[top : top + H, left : left + W]), source)
         sx, sy = w / rw, h / rh
         return out, Placement(h, w, H, W, left * sx, top * sy, (left + W) * sx, (top + H) * sy, 0, 0, H, W)
     raise ValueError(f"unknown geometry mode {geometry.mode!r} (expected stretch, letterbox or crop)")
@@ -170,11 +192,12 @@ def to_tensor(images: list[np.ndarray]) -> np.ndarray:
 
 
 def prepare(images: list[np.ndarray], geometry: Geometry) -> tuple[np.ndarray, list[Placement]]:
-    """Decoded float32 RGB images -> network batch ``[B, 3, H, W]`` and one placement per image."""
+    """OpenCV-convention frames -> network batch ``[B, 3, H, W]`` and one placement per image."""
     fitted = [fit_geometry(image, geometry) for image in images]
     return to_tensor([f[0] for f in fitted]), [f[1] for f in fitted]
 
 
 def load_batch(paths: list[str | os.PathLike[str]], geometry: Geometry) -> tuple[np.ndarray, list[Placement]]:
     """Files -> network batch ``[B, 3, H, W]`` and placements (raises :class:`ImageError` on a bad file)."""
-    return prepare([read_image(p) for p in paths], geometry)
+    fitted = [fit_geometry(read_image(p), geometry, str(p)) for p in paths]
+    return to_tensor([f[0] for f in fitted]), [f[1] for f in fitted]
