@@ -1,0 +1,130 @@
+"""``pcedge export``: fit PatchCore on good images and write a bundle (needs the ``export`` extra: torch)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+HELP = "fit PatchCore on good images and write a deployable bundle (workstation; needs torch)"
+
+
+def parse_coreset(text: str) -> float | int:
+    """``0.1`` (a ratio in (0, 1]) or ``5000`` (a count)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--coreset {text!r}: expected a ratio like 0.1 or a count like 5000") from None
+    if "." in text or "e" in text.lower():
+        if not 0.0 < value <= 1.0:
+            raise argparse.ArgumentTypeError(f"--coreset ratio {text} must lie in (0, 1]")
+        return value
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--coreset count {text} must be at least 1")
+    return int(value)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``224`` or ``WIDTHxHEIGHT`` (e.g. ``448x192``) -> (height, width)."""
+    try:
+        if "x" in text.lower():
+            w, h = (int(v) for v in text.lower().split("x"))
+        else:
+            w = h = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size {text!r}: expected N or WIDTHxHEIGHT, e.g. 224 or 448x192") from None
+    return h, w
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pcedge.runtime.bundle import Geometry, IndexSpec, ScoringSpec
+
+    g = Geometry()
+    parser.add_argument("--data", required=True, type=Path,
+                        help="MVTec-style category (uses train/good) or a folder of good images")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="bundle directory to write, e.g. part.pcedge")
+    parser.add_argument("--backbone", default="efficientnet_lite0",
+                        choices=("efficientnet_lite0", "resnet18", "wide_resnet50_2"),
+                        help="feature extractor (default: efficientnet_lite0, ImageNet weights shipped offline)")
+    parser.add_argument("--weights", help="state-dict file for the backbone (torchvision backbones when offline)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random backbone weights: for speed benchmarks only, useless for detection")
+    parser.add_argument("--coreset", type=parse_coreset, default=None,
+                        help="coreset size: a ratio (0.1) or a count (5000); 1.0 keeps the full memory bank "
+                             "(default: see README, 'Choosing the coreset')")
+    parser.add_argument("--dim", type=int, default=None, help="project patch features to this many channels")
+    parser.add_argument("--size", type=parse_size, default=(g.height, g.width), metavar="N|WxH",
+                        help=f"network input size, multiples of 16 (default {g.width})")
+    parser.add_argument("--mode", choices=("stretch", "letterbox", "crop"), default=g.mode,
+                        help="how a frame becomes the input: stretch (whole frame, default), letterbox "
+                             "(whole frame, aspect kept, padded) or crop (the paper's resize + centre crop)")
+    parser.add_argument("--resize", type=int, default=g.resize, help="crop mode: shorter side before the crop (256)")
+    parser.add_argument("--crop", type=int, default=None, metavar="N",
+                        help="shorthand for --mode crop --size N (the paper's MVTec protocol: --resize 256 --crop 224)")
+    parser.add_argument("--val", type=Path, default=None, help="folder of held-out good images for the threshold")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="else hold out this seeded fraction of the training images (default 0.1, at least 3)")
+    parser.add_argument("--fpr", type=float, default=0.01, help="target false-alarm rate on good parts (default 0.01)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=8, help="images per forward pass while fitting")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--M", dest="hnsw_M", type=int, default=IndexSpec().M, help="HNSW graph degree")
+    parser.add_argument("--ef-construction", type=int, default=IndexSpec().ef_construction)
+    parser.add_argument("--ef", type=int, default=IndexSpec().ef, help="default HNSW query ef stored in the bundle")
+    parser.add_argument("--no-reweight", action="store_true", help="image score = max patch score (no Eq. 7)")
+    parser.add_argument("--b", type=int, default=ScoringSpec().reweight_b, help="Eq. 7 support neighbours |N_b(m*)|")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing bundle")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        from .fit import DEFAULT_CORESET, ExportConfig, export_bundle
+    except ImportError as exc:
+        print(f"pcedge export needs the export extra (torch, onnx): pip install 'pcedge[export]' ({exc})", file=sys.stderr)
+        return 2
+    from pcedge.runtime.bundle import Geometry
+
+    height, width = args.size
+    mode = args.mode
+    if args.crop is not None:
+        mode, height, width = "crop", args.crop, args.crop
+    geometry = Geometry(mode=mode, height=height, width=width, resize=args.resize)
+    config = ExportConfig(
+        data=args.data, output=args.output, backbone=args.backbone, weights=args.weights,
+        random_weights=args.random_weights, projection_dim=args.dim, geometry=geometry,
+        coreset=args.coreset if args.coreset is not None else DEFAULT_CORESET, seed=args.seed,
+        batch_size=args.batch, val_dir=args.val, val_fraction=args.val_fraction, target_fpr=args.fpr,
+        hnsw_M=args.hnsw_M, hnsw_ef_construction=args.ef_construction, hnsw_ef=args.ef,
+        reweight=not args.no_reweight, reweight_b=args.b, threads=args.threads, force=args.force,
+        progress=not args.quiet,
+    )
+    try:
+        report = export_bundle(config)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"pcedge export: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from .backbones import WeightsUnavailable
+        from .onnx_export import ParityError
+
+        if isinstance(exc, (WeightsUnavailable, ParityError)):
+            print(f"pcedge export: {exc}", file=sys.stderr)
+            return 2
+        raise
+    m = report.manifest
+    print(f"wrote {report.bundle}")
+    print(f"  {report.n_train_images} training images -> {m.memory_bank.n_features_total} patch features -> "
+          f"coreset {m.memory_bank.n} x {m.memory_bank.dim} ({m.memory_bank.coreset_ratio:.1%}), "
+          f"coverage radius {m.memory_bank.coverage_radius:.3f}")
+    print(f"  ONNX parity vs torch: max rel error {m.model.parity.max_rel_error:.2e}, min cosine {m.model.parity.min_cosine:.6f}")
+    print(f"  threshold {m.threshold.value:.4f} ({m.threshold.method})")
+    if report.skipped:
+        print(f"  skipped {len(report.skipped)} unreadable file(s):")
+        for line in report.skipped:
+            print(f"    {line}")
+    print(f"  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
+    print(f"next: pcedge info {report.bundle}   |   pcedge predict {report.bundle} IMAGES... --save-maps out/")
+    return 0

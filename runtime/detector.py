@@ -1,0 +1,214 @@
+"""The device-side detector: a bundle opened with a backend and an index; images in, results out.
+
+    with Detector.open("bottle.pcedge") as detector:
+        result = detector("part.png")          # or an OpenCV frame (BGR / gray, uint8 / uint16)
+        print(result.score, result.verdict)
+
+Stages (timed separately): preprocess (geometry + float conversion; decoding a file is not counted),
+backbone (the engine), index (nearest-neighbour search, including the exact re-scoring pass), scoring
+(Eq. 7, anomaly map, placement back into the original image).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backends import Backend, open_backend
+from .bundle import Bundle, Manifest, open_bundle
+from .index import ExactIndex, make_index
+from .preprocess import Placement, fit_geometry, read_image, to_tensor
+from .scoring import Scorer, normalise
+
+ImageInput = "str | os.PathLike[str] | np.ndarray"
+
+
+@dataclass
+class StageTimings:
+    """Milliseconds per stage for one image (batch stages are divided evenly over the batch)."""
+
+    decode_ms: float = 0.0
+    preprocess_ms: float = 0.0
+    backbone_ms: float = 0.0
+    index_ms: float = 0.0
+    scoring_ms: float = 0.0
+
+    @property
+    def total_ms(self) -> float:
+        """Everything but decoding (a camera delivers decoded frames)."""
+        return self.preprocess_ms + self.backbone_ms + self.index_ms + self.scoring_ms
+
+
+@dataclass
+class Result:
+    """One image's outcome."""
+
+    score: float  # raw image score s (Eq. 7 if re-weighting is on)
+    normalised: float  # threshold -> 0.5, clipped to [0, 1]
+    anomalous: bool  # score > threshold
+    threshold: float
+    anomaly_map: np.ndarray = field(repr=False)  # [H, W] float32 in the original image; NaN = not seen
+    patch_scores: np.ndarray = field(repr=False)  # [h, w] float32 nearest-neighbour distances
+    s_star: float = 0.0  # the largest patch score (Eq. 6)
+    n_rescored: int = 0  # patches re-scored exactly after the approximate search
+    timings: StageTimings = field(default_factory=StageTimings)
+    source: str | None = None
+
+    @property
+    def verdict(self) -> str:
+        return "anomalous" if self.anomalous else "good"
+
+
+@dataclass
+class DetectorOptions:
+    backend: str = "auto"  # see runtime.backends.BACKENDS
+    index: str = "auto"  # auto | exact | hnsw
+    ef: int | None = None  # HNSW query ef (None: the bundle's default)
+    threshold: float | None = None  # overrides the bundle's calibrated threshold
+    threads: int | None = None  # CPU threads for the backend and the index (None: all available)
+    rescore: bool = True  # exact re-scoring of the decisive patches after HNSW
+    precision: str | None = None  # TensorRT engine precision to prefer
+    verify_checksums: bool = True
+
+
+class Detector:
+    def __init__(self, bundle: Bundle, backend: Backend, options: DetectorOptions):
+        self.bundle = bundle
+        self.manifest: Manifest = bundle.manifest
+        self.options = options
+        self.backend = backend
+        self.bank = bundle.load_memory_bank()  # [N, D]
+        self.exact = ExactIndex(self.bank)
+        self.index = make_index(
+            options.index, self.bank, self.manifest.index, bundle.index_path, ef=options.ef, threads=options.threads
+        )
+        if getattr(self.index, "kind", "") == "exact":
+            self.index = self.exact  # one exact index serves both roles
+        self.scorer = Scorer(self.bank, self.index, self.exact, self.manifest.scoring, rescore=options.rescore)
+        self.geometry = self.manifest.input.geometry
+        self.grid = (self.manifest.output.grid_h, self.manifest.output.grid_w)
+        spec = self.manifest.threshold
+        self.threshold = float(options.threshold if options.threshold is not None else spec.value)
+        self.scale = float(spec.scale) if spec.scale > 0 else 1.0
+
+    @classmethod
+    def open(cls, bundle_path: str | os.PathLike[str], options: DetectorOptions | None = None, **kwargs) -> "Detector":
+        """Open a bundle (checksums verified) with the chosen backend and index.
+
+        ``kwargs`` are :class:`DetectorOptions` fields, for convenience.
+        """
+        options = options or DetectorOptions(**kwargs)
+        bundle = open_bundle(bundle_path, verify=options.verify_checksums)
+        backend = open_backend(options.backend, bundle, threads=options.threads, precision=options.precision)
+        try:
+            return cls(bundle, backend, options)
+        except Exception:
+            backend.close()
+            raise
+
+    @property
+    def description(self) -> str:
+        return f"backend {self.backend.description}; index {getattr(self.index, 'description', self.index.kind)}"
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, image: ImageInput) -> Result:
+        return self.batch([image])[0]
+
+    def batch(self, images: list) -> list[Result]:
+        """Paths or OpenCV frames -> one :class:`Result` each (one backbone call for the whole batch)."""
+        t0 = time.perf_counter()
+        frames, sources = [], []
+        for image in images:
+            if isinstance(image, np.ndarray):
+                frames.append(image)
+                sources.append(None)
+            else:
+                frames.append(read_image(image))
+                sources.append(str(image))
+        decode_ms = (time.perf_counter() - t0) * 1e3 / max(1, len(images))
+        return self.run_frames(frames, sources, decode_ms)
+
+    def run_frames(self, frames: list[np.ndarray], sources: list[str | None] | None = None,
+                   decode_ms: float = 0.0) -> list[Result]:
+        """Decoded OpenCV frames -> results (preprocess, backbone, index, scoring)."""
+        if not frames:
+            return []
+        sources = sources or [None] * len(frames)
+        t1 = time.perf_counter()
+        fitted = [fit_geometry(f, self.geometry, s or "<array>") for f, s in zip(frames, sources)]
+        tensor = to_tensor([f[0] for f in fitted])
+        placements = [f[1] for f in fitted]
+        t2 = time.perf_counter()
+        results = self.score_tensor(tensor, placements, sources)
+        for r in results:
+            r.timings.decode_ms = decode_ms
+            r.timings.preprocess_ms = (t2 - t1) * 1e3 / len(frames)
+        return results
+
+    def embed(self, tensor: np.ndarray) -> np.ndarray:
+        """Network batch ``[B, 3, H, W]`` -> embeddings ``[B, h*w, D]`` from the backend."""
+        return self.backend(tensor)
+
+    def score_tensor(self, tensor: np.ndarray, placements: list[Placement], sources: list[str | None] | None = None) -> list[Result]:
+        """Network batch ``[B, 3, H, W]`` (already preprocessed) -> results in original-image coordinates."""
+        t0 = time.perf_counter()
+        embeddings = self.embed(tensor)
+        t1 = time.perf_counter()
+        results = self.score_embeddings(embeddings, placements, sources)
+        backbone_ms = (t1 - t0) * 1e3 / len(results)
+        for r in results:
+            r.timings.backbone_ms = backbone_ms
+        return results
+
+    def score_embeddings(self, embeddings: np.ndarray, placements: list[Placement], sources: list[str | None] | None = None) -> list[Result]:
+        """Embeddings ``[B, h*w, D]`` -> results (index, Eq. 7, anomaly maps)."""
+        B = embeddings.shape[0]
+        sources = sources or [None] * B
+        h, w = self.grid
+        H, W = self.geometry.height, self.geometry.width
+        t0 = time.perf_counter()
+        patches = self.scorer.patch_scores(embeddings)
+        t1 = time.perf_counter()
+        index_ms = (t1 - t0) * 1e3 / B
+        results = []
+        for b in range(B):
+            ts = time.perf_counter()
+            image = self.scorer.image_score(embeddings[b], patches[b])
+            grid = patches[b].distances.reshape(h, w)
+            net_map = self.scorer.anomaly_map(grid, H, W)
+            full_map = placements[b].to_original(net_map)
+            scoring_ms = (time.perf_counter() - ts) * 1e3
+            results.append(
+                Result(
+                    score=image.score,
+                    normalised=float(normalise(image.score, self.threshold, self.scale)),
+                    anomalous=bool(image.score > self.threshold),
+                    threshold=self.threshold,
+                    anomaly_map=full_map,
+                    patch_scores=grid,
+                    s_star=image.s_star,
+                    n_rescored=patches[b].n_rescored,
+                    timings=StageTimings(index_ms=index_ms, scoring_ms=scoring_ms),
+                    source=sources[b],
+                )
+            )
+        return results
+
+    def normalise_map(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """A map in raw distance units -> the normalised scale (threshold at 0.5)."""
+        return normalise(anomaly_map, self.threshold, self.scale).astype(np.float32)
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
