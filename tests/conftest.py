@@ -1,0 +1,56 @@
+"""Session fixtures: bundles exported once from the repository's own fixture images (never ../shared)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+BSD = FIXTURES / "ball_screw_drive"
+PCB = FIXTURES / "pcb"
+
+
+def export(data: Path, out: Path, **overrides):
+    from pcedge.export.fit import ExportConfig, export_bundle
+
+    config = ExportConfig(data=data, output=out, progress=False, threads=2, **overrides)
+    return export_bundle(config)
+
+
+@pytest.fixture(scope="session")
+def bundle_factory(tmp_path_factory):
+    """``make(name, data, **ExportConfig overrides) -> ExportReport``, cached per name for the session."""
+    cache: dict[str, object] = {}
+    root = tmp_path_factory.mktemp("bundles")
+
+    def make(name: str, data: Path = BSD, **overrides):
+        if name not in cache:
+            cache[name] = export(data, root / f"{name}.pcedge", **overrides)
+        return cache[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def fixture_report(bundle_factory):
+    """Default export of fixtures/ball_screw_drive (EfficientNet-Lite0, default coreset and geometry)."""
+    return bundle_factory("bsd_default")
+
+
+@pytest.fixture(scope="session")
+def fixture_bundle(fixture_report) -> Path:
+    return fixture_report.bundle
+
+
+@pytest.fixture(scope="session")
+def pcb_bundle(bundle_factory) -> Path:
+    """Default export of fixtures/pcb (grayscale-looking binarised PCB crops stored as PNG)."""
+    return bundle_factory("pcb_default", PCB).bundle
+
+
+@pytest.fixture(scope="session")
+def full_bank_bundle(bundle_factory) -> Path:
+    """fixtures/ball_screw_drive with the whole memory bank (no coreset): the reference configuration."""
+    return bundle_factory("bsd_full", coreset=1.0).bundle
