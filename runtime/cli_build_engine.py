@@ -1,0 +1,88 @@
+"""``pcedge build-engine``: compile the bundle's ONNX graph to a TensorRT plan on this device."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .bundle import BundleError, EngineSpec, open_bundle
+from .errors import TensorRTUnavailable
+
+HELP = "build a TensorRT engine for this GPU from the bundle's ONNX graph and record it in the manifest"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
+                        help="engine precision (default auto: fp16 when the GPU has fast FP16, else fp32)")
+    parser.add_argument("--min-batch", type=int, default=1, help="smallest batch the engine accepts (default 1)")
+    parser.add_argument("--opt-batch", type=int, default=1,
+                        help="batch the kernels are tuned for (default 1: one camera frame at a time)")
+    parser.add_argument("--max-batch", type=int, default=8, help="largest batch the engine accepts (default 8)")
+    parser.add_argument("--workspace", type=int, default=1024, metavar="MB",
+                        help="TensorRT workspace limit in MB (default 1024; Jetson memory is shared with the CPU)")
+    parser.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",
+                        help="TensorRT timing cache to load and update; speeds up rebuilds on the same device. "
+                             "Keep it outside the bundle (e.g. ~/.cache/pcedge/timing.cache)")
+
+
+def _input_chw(shape: list, where: str) -> tuple[int, int, int]:
+    chw = shape[1:]
+    if len(chw) != 3 or not all(isinstance(d, int) and d > 0 for d in chw):
+        raise BundleError(f"{where}: input shape {shape} is not [batch, C, H, W] with static C, H, W")
+    return tuple(chw)  # type: ignore[return-value]
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import trt as trt_backend
+    from .engines import engine_filename, probe_device, record_engine
+
+    try:
+        bundle = open_bundle(args.bundle)
+        input_chw = _input_chw(bundle.manifest.input.shape, str(bundle.root / "manifest.json"))
+    except BundleError as exc:
+        print(f"pcedge build-engine: {exc}", file=sys.stderr)
+        return 2
+    if args.timing_cache is not None and args.timing_cache.resolve().is_relative_to(bundle.root.resolve()):
+        # Files in the bundle are checksummed; a cache rewritten by every build would break that.
+        print(f"pcedge build-engine: {args.timing_cache}: keep the timing cache outside the bundle", file=sys.stderr)
+        return 2
+    try:
+        device = probe_device()
+    except TensorRTUnavailable as exc:
+        print(f"pcedge build-engine: {exc}", file=sys.stderr)
+        return 2
+    precision = args.precision
+    if precision == "auto":
+        precision = "fp16" if device.fast_fp16 else "fp32"
+        why = "has" if device.fast_fp16 else "has no"
+        print(f"precision   {precision} (auto: {device.name} {why} fast FP16)")
+    rel = engine_filename(device.sm, device.trt_version, precision)
+    print(f"building    {rel} from {bundle.model_path.name} on {device.name} ({device.sm}), TensorRT {device.trt_version}, "
+          f"batch {args.min_batch}/{args.opt_batch}/{args.max_batch}; this takes minutes on a Jetson")
+    try:
+        report = trt_backend.build_engine(
+            bundle.model_path, bundle.root / rel, precision,
+            args.min_batch, args.opt_batch, args.max_batch, args.workspace, args.timing_cache,
+            input_name=bundle.manifest.input.name, input_chw=input_chw,
+        )
+    except (ValueError, trt_backend.TensorRTBuildError) as exc:
+        print(f"pcedge build-engine: {exc}", file=sys.stderr)
+        return 1
+    spec = EngineSpec(
+        file=rel, sm=device.sm, trt_version=device.trt_version, precision=precision,
+        min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
+        built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), device_name=device.name, workspace_mb=args.workspace,
+    )
+    record_engine(bundle, spec)
+    for note in report.notes:
+        print(f"note        {note}")
+    print(f"wrote       {report.plan_path} ({report.plan_bytes / 1e6:.1f} MB) in {report.seconds:.0f}s; "
+          f"recorded in {bundle.root / 'manifest.json'}")
+    if report.timing_cache is not None:
+        state = "reused and updated" if report.timing_cache_reused else "created"
+        print(f"wrote       timing cache {report.timing_cache} ({state})")
+    print(f"next: pcedge verify {bundle.root} --backend tensorrt")
+    return 0

@@ -1,0 +1,32 @@
+"""``pcedge pack``: one .tar.gz of a bundle, for copying or flashing to a device."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .archive import archive_digest, pack
+from .bundle import BundleError
+
+HELP = "pack a bundle into one verified .tar.gz for copying to a device"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE", help="archive to write (.tar.gz)")
+    parser.add_argument("--include-engines", action="store_true",
+                        help="also pack TensorRT engines (they only run on the GPU and TensorRT they were built with)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = pack(args.bundle, args.output, include_engines=args.include_engines)
+    except (BundleError, OSError) as exc:
+        print(f"pcedge pack: {exc}", file=sys.stderr)
+        return 2
+    engines = "with engines" if args.include_engines else "without engines (build them on the device)"
+    print(f"wrote       {out} ({out.stat().st_size / 1e6:.2f} MB, {engines})")
+    print(f"sha256      {archive_digest(out)}")
+    print(f"next: copy {out.name} to the device, then: pcedge unpack {out.name} {Path(args.bundle).resolve().name}")
+    return 0

@@ -1,0 +1,29 @@
+"""``pcedge unpack``: turn an archive from ``pcedge pack`` back into a verified bundle directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .archive import unpack
+from .bundle import BundleError
+
+HELP = "unpack an archive made by `pcedge pack` into a bundle directory, verifying every file first"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("archive", type=Path, help="archive written by `pcedge pack` (.tar.gz)")
+    parser.add_argument("dest", type=Path, help="bundle directory to create (NAME.pcedge)")
+    parser.add_argument("--force", action="store_true", help="replace DEST if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        dest = unpack(args.archive, args.dest, force=args.force)
+    except (BundleError, OSError) as exc:
+        print(f"pcedge unpack: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote       {dest} (every file's sha256 matches its manifest)")
+    print(f"next: pcedge build-engine {dest}   (or without TensorRT: pcedge verify {dest})")
+    return 0
