@@ -138,8 +138,10 @@ def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precisio
     if kind == "tensorrt":
         return _open_tensorrt(bundle, precision)
     if kind == "ort-trt":
+        from .bundle import ORT_TRT_CACHE_DIR
         from .engines import ort_trt_provider_options
 
+        (bundle.root / ORT_TRT_CACHE_DIR).mkdir(parents=True, exist_ok=True)
         return OrtBackend(model, kind, threads, ort_trt_provider_options(bundle.root, fp16=precision != "fp32"))
     if kind in ("ort-cuda", "ort-cpu"):
         return OrtBackend(model, kind, threads)

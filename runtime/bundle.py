@@ -269,12 +269,20 @@ def file_entry(root: Path, rel: str) -> FileEntry:
     return FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
 
 
+#: ONNX Runtime's TensorRT execution provider rewrites its engine cache here whenever it likes; checksumming
+#: it would make the bundle fail verification after every run, so it is left out of the manifest.
+ORT_TRT_CACHE_DIR = f"{ENGINES_DIR}/ort-trt"
+
+
 def _listed_files(root: Path) -> list[str]:
-    """Every regular file below ``root`` except the manifest, as sorted POSIX relative paths."""
+    """Every regular file below ``root`` except the manifest and runtime caches, as sorted POSIX paths."""
     out = []
     for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(ORT_TRT_CACHE_DIR + "/"):
+            continue
         if path.is_file() and path.name != MANIFEST and not path.name.endswith(".tmp"):
-            out.append(path.relative_to(root).as_posix())
+            out.append(rel)
     return out
 
 

