@@ -1,0 +1,94 @@
+"""``pcedge watch``: live inference on a camera, stream, video file or folder (headless by default)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .bundle import BundleError
+from .cli_common import add_detector_arguments, detector_options
+from .errors import BackendUnavailable
+
+HELP = "live inference on a camera, RTSP/HTTP stream, GStreamer pipeline, video file or image folder"
+
+SOURCE_HELP = (
+    "camera index (0), video file, rtsp:// or http:// URL, GStreamer pipeline ending in appsink "
+    "(detected by '!'), or a folder of images played in name order"
+)
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
+    parser.add_argument("source", help=SOURCE_HELP)
+    add_detector_arguments(parser)
+    parser.add_argument("--threshold", type=float, default=None, help="override the bundle's calibrated threshold")
+    parser.add_argument("--fps", type=_positive(float), default=None,
+                        help="folders and files: play at this rate (default: as fast as processed); cameras: requested rate")
+    parser.add_argument("--loop", action="store_true", help="replay a file or folder from the start when it ends")
+    parser.add_argument("--jsonl", type=Path, default=None, metavar="FILE",
+                        help="event log: one JSON line per frame (processed, dropped or skipped) and per source fault")
+    parser.add_argument("--save-dir", type=Path, default=None, metavar="DIR",
+                        help="save anomalous frames and their overlays here")
+    parser.add_argument("--save-every-s", type=float, default=5.0, metavar="S",
+                        help="save at most one anomalous frame per S seconds (default 5)")
+    parser.add_argument("--video-out", type=Path, default=None, metavar="FILE",
+                        help="annotated video of the processed frames (.mp4, .avi, .mkv)")
+    parser.add_argument("--show", action="store_true", help="show a window (needs OpenCV with GUI support)")
+    parser.add_argument("--max-frames", type=_positive(int), default=None, metavar="N",
+                        help="stop after N frames from the source")
+    parser.add_argument("--duration", type=_positive(float), default=None, metavar="S", help="stop after S seconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .camera import SourceError, open_source
+    from .detector import Detector
+    from .pipeline import WatchError, WatchOptions, WatchPipeline
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    options = WatchOptions(
+        jsonl=args.jsonl, save_dir=args.save_dir, save_every_s=args.save_every_s, video_out=args.video_out,
+        show=args.show, max_frames=args.max_frames, duration_s=args.duration,
+    )
+    try:
+        detector = Detector.open(args.bundle, detector_options(args))
+    except (BundleError, BackendUnavailable, ValueError) as exc:
+        print(f"pcedge watch: {exc}", file=sys.stderr)
+        return 2
+    with detector:
+        try:
+            source = open_source(args.source, fps=args.fps, loop=args.loop)
+        except (SourceError, ValueError) as exc:
+            print(f"pcedge watch: {exc}", file=sys.stderr)
+            return 2
+        kind = "live" if source.is_live else "every frame processed"
+        print(f"pcedge watch: {source.spec} ({kind}) with {detector.description}; Ctrl-C to stop", file=sys.stderr)
+        try:
+            summary = WatchPipeline(detector, source, options).run()
+        except WatchError as exc:
+            print(f"pcedge watch: {exc}", file=sys.stderr)
+            return 2
+    print(summary.describe())
+    if summary.jsonl:
+        print(f"wrote {summary.jsonl}")
+    if summary.video:
+        print(f"wrote {summary.video}")
+    if summary.save_dir:
+        print(f"wrote {summary.saved} anomalous frame(s) with overlays to {summary.save_dir}/")
+    if summary.error:
+        print(f"pcedge watch: stopped by an error: {summary.error}", file=sys.stderr)
+        return 1
+    print(f"next: pcedge predict {args.bundle} {summary.save_dir or 'IMAGES'} --save-maps maps/   "
+          f"|   pcedge eval {args.bundle} --data CATEGORY_DIR")
+    return 0
