@@ -112,7 +112,7 @@ class Detector:
 
     @property
     def description(self) -> str:
-        return f"backend {self.backend.description}; index {getattr(self.index, 'description', self.index.kind)}"
+        return f"backend {self.backend.description}; index {self.index.kind} ({self.index.note})"
 
     # ------------------------------------------------------------------ running
     def __call__(self, image: ImageInput) -> Result:
