@@ -6,16 +6,17 @@ For each bank size N and coreset ratio, this measures:
 - the plain loop's time, extrapolated from a few of its iterations timed at the same N (each iteration
   costs the same: one pass over the bank).
 On the smaller sizes (``--verify-sizes``) the plain loop runs in full, and the two selections must be
-identical, index for index. Up to ``--coverage-max-n`` it also records the coverage radius in the full
-space: greedy, and a seeded random subset of the same size.
+identical, index for index. It also records the coverage radius in the full space (exact, see
+:func:`pcedge.export.coreset.coverage_radius`): greedy, and a seeded random subset of the same size.
 
 Features: real EfficientNet-Lite0 patch features [N, 152].
 - ``--features`` takes files given explicitly.
 - Otherwise it uses ``/work/notes/features/*_train.npy`` when present. The first file is the primary
   bank: N rows are a seeded subsample of it. When N exceeds it, the subsample is drawn from all files
   concatenated; the JSON names the files in each run's ``source``.
-- With no feature files at all, it builds real-image features from the shared datasets: 7x7 RGB patches
-  (147) plus 5 gradient/texture channels = 152 dims, every 4th pixel of 224x224 images.
+- With no feature files (or ``--image-features``), it builds real-image features from the shared
+  datasets: 7x7 RGB patches (147) plus 5 gradient/texture channels = 152 dims, every 4th pixel of
+  224x224 images.
 
     python benchmarks/bench_coreset.py                                  # default grid, results/coreset.json
     python benchmarks/bench_coreset.py --sizes 25000 200000 --ratios 0.1 --blas-threads 1
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--features", nargs="+", default=None,
                         help=f"float32 [N, {DIM}] .npy feature files (default: {NOTES_FEATURES}, else image features)")
+    parser.add_argument("--image-features", action="store_true",
+                        help="ignore feature files: use 7x7 RGB + gradient patch features of the shared dataset images")
     parser.add_argument("--sizes", type=int, nargs="+", default=[25_000, 50_000, 100_000, 200_000, 400_000])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.1, 0.25])
     parser.add_argument("--max-selected", type=int, default=50_000,
@@ -52,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verify-ratios", type=float, nargs="*", default=[0.01, 0.1, 0.25])
     parser.add_argument("--reference-iterations", type=int, default=50,
                         help="at least this many plain-loop iterations are timed per size, to extrapolate its full time")
-    parser.add_argument("--coverage-max-n", type=int, default=50_000,
+    parser.add_argument("--coverage-max-n", type=int, default=1_000_000,
                         help="record coverage radii (greedy vs random subset) up to this N")
     parser.add_argument("--projection-dim", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -90,7 +93,8 @@ class Run:
     ratio: float
     k: int
     source: str  # where the N rows came from
-    seconds: float
+    seconds: float  # wall time
+    cpu_seconds: float  # process CPU time: with one BLAS thread, what an otherwise idle core would take
     distance_evaluations: int
     evaluation_fraction: float  # distance evaluations / (N * k)
     exact_evaluations: int
@@ -274,9 +278,11 @@ def measure(pool: FeaturePool, n: int, ratio: float, args, per_iteration: float)
 
     bank, source = pool.bank(n)
     k = resolve_count(ratio, n)
+    cpu_began = time.process_time()
     result = greedy_coreset(bank, k, projection_dim=args.projection_dim, seed=args.seed)
+    cpu = time.process_time() - cpu_began
     reference = per_iteration * k
-    run = Run(n=n, ratio=ratio, k=k, source=source, seconds=round(result.seconds, 3),
+    run = Run(n=n, ratio=ratio, k=k, source=source, seconds=round(result.seconds, 3), cpu_seconds=round(cpu, 3),
               distance_evaluations=result.distance_evaluations,
               evaluation_fraction=round(result.distance_evaluations / (n * k), 4),
               exact_evaluations=result.exact_evaluations, exact_per_centre=round(result.exact_evaluations / k, 1),
@@ -312,11 +318,11 @@ def print_table(report: Report) -> None:
     print(f"\nfeatures: {report.features.kind} {', '.join(Path(f).name for f in report.features.files[:3])}"
           f"  (P = {report.projection_dim}, BLAS threads env {report.machine.blas_threads_env or 'default'}, "
           f"load {report.machine.loadavg_start} -> {report.machine.loadavg_end})")
-    print(f"{'N':>8} {'ratio':>6} {'k':>7} {'pcedge s':>9} {'plain s*':>9} {'speedup':>8} {'evals/Nk':>9} "
+    print(f"{'N':>8} {'ratio':>6} {'k':>7} {'pcedge s':>9} {'cpu s':>7} {'plain s*':>9} {'speedup':>8} {'evals/Nk':>9} "
           f"{'exact/k':>8} {'cov greedy':>11} {'cov random':>11}")
     for r in report.runs:
         cov = f"{r.coverage_radius:11.3f} {r.coverage_radius_random:11.3f}" if r.coverage_radius is not None else f"{'-':>11} {'-':>11}"
-        print(f"{r.n:>8} {r.ratio:>6.2f} {r.k:>7} {r.seconds:>9.2f} {r.reference_seconds_extrapolated:>9.1f} "
+        print(f"{r.n:>8} {r.ratio:>6.2f} {r.k:>7} {r.seconds:>9.2f} {r.cpu_seconds:>7.2f} {r.reference_seconds_extrapolated:>9.1f} "
               f"{r.speedup_vs_reference:>7.1f}x {r.evaluation_fraction:>9.3f} {r.exact_per_centre:>8.1f} {cov}")
     print("  * plain loop: seconds per iteration measured at that N, times k")
     for v in report.verifications:
@@ -333,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     from pcedge.export.coreset import greedy_coreset
 
     machine = describe_machine()
-    pool = FeaturePool(args.features, args.seed)
+    pool = FeaturePool([] if args.image_features else args.features, args.seed)
     print(f"features: {pool.source.kind} {pool.source.files[:3]} rows {pool.source.rows}", file=sys.stderr)
 
     warm_bank, _ = pool.bank(min(20_000, max(args.sizes)))

@@ -152,8 +152,12 @@ def _selection_space(features: np.ndarray, dim: int, seed: int) -> tuple[np.ndar
     A translation changes no distance. It does shrink the norms, and the GEMM error bound scales with
     the norms. Features whose squared distances could overflow float32 are refused.
     """
-    projected = random_projection(features, dim, seed)
-    centred = projected - projected.mean(axis=0, dtype=np.float64).astype(np.float32)
+    return _centred(random_projection(features, dim, seed))
+
+
+def _centred(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``rows [N, P]`` minus their mean (float32), and the squared norms ``[N]`` of the result."""
+    centred = rows - rows.mean(axis=0, dtype=np.float64).astype(np.float32)
     norms = np.einsum("ij,ij->i", centred, centred, dtype=np.float64)
     # ||q_i - q_c||^2 <= 2 (||q_i||^2 + ||q_c||^2), so this margin keeps every distance finite.
     if not (norms < np.finfo(np.float32).max / 8).all():
@@ -267,7 +271,7 @@ def greedy_coreset(
     n, dims = rows.shape
     n_select = _check_count(n_select, n)
     if hot_size is None:
-        hot_size = min(max(n // _HOT_FRACTION, _HOT_MIN), _HOT_MAX)
+        hot_size = _default_hot_size(n)
     if isinstance(hot_size, bool) or not isinstance(hot_size, numbers.Integral) or hot_size < 1:
         raise ValueError(f"coreset: hot_size must be an integer >= 1, got {hot_size!r}")
     hot_size = min(int(hot_size), n)
@@ -304,6 +308,10 @@ def greedy_coreset(
         exact_evaluations=bank.exact_evaluations,
         radii=np.sqrt(np.maximum(bank.radii, 0.0)),
     )
+
+
+def _default_hot_size(n: int) -> int:
+    return min(max(n // _HOT_FRACTION, _HOT_MIN), _HOT_MAX, n)
 
 
 def _error_coefficient(dims: int) -> np.float32:
@@ -358,6 +366,26 @@ class _LazyBank:
         self.centre_low[slot] = (np.float32(1.0) - self.kappa) * self.norms[point]
         self.regions.add_centre(slot, self.rows[point], self.norms[point])
         self.n_centres = slot + 1
+
+    def add_centres(self, points: np.ndarray) -> None:
+        """:meth:`add_centre` for many points at once (a given centre set, as in :func:`coverage_radius`)."""
+        slots = slice(self.n_centres, self.n_centres + points.size)
+        self.indices[slots] = points
+        self.centre_rows[slots] = np.float32(-2.0) * self.rows[points]
+        self.centre_norms[slots] = self.norms[points]
+        self.centre_low[slots] = (np.float32(1.0) - self.kappa) * self.norms[points]
+        self.regions.add_centres(slots, self.rows[points], self.norms[points])
+        self.n_centres += points.size
+
+    def farthest(self, hot_size: int) -> int:
+        """The point farthest from the current centres (exact), without selecting it."""
+        n = self.upper.size
+        while True:
+            tau = np.partition(self.upper, n - hot_size)[n - hot_size]
+            self.refresh(np.flatnonzero((self.upper >= tau) & (self.exact_upto < self.n_centres)), tau)
+            top = np.flatnonzero(self.upper >= tau)  # all exact now
+            if top.size:
+                return int(top[np.argmax(self.upper[top])])
 
     def refresh(self, points: np.ndarray, tau: np.float32) -> None:
         """Settle each stale point in ``points`` against ``tau`` by checking the centres it missed.
@@ -418,6 +446,7 @@ class _LazyBank:
                 return points[:0]
             if complete_after is not None:
                 complete_after = complete_after[keep]
+        self.upper[state.points] = state.current  # still an upper bound; tightens phase 2's thresholds
         return state.points
 
     def _sweep_all(self, points: np.ndarray, tau: np.float32) -> None:
@@ -527,6 +556,14 @@ class _Regions:
     def add_centre(self, slot: int, row: np.ndarray, row_norm: np.float32) -> None:
         self.to_centres[:, slot] = self.centroid_norms + row_norm - np.float32(2.0) * (self.centroids @ row)
 
+    def add_centres(self, slots: slice, rows: np.ndarray, row_norms: np.ndarray) -> None:
+        for c0 in range(0, rows.shape[0], 65536):  # bounded temporary [G, 65536]
+            block = slice(slots.start + c0, min(slots.start + c0 + 65536, slots.stop))
+            part = rows[c0 : c0 + 65536]
+            self.to_centres[:, block] = (
+                self.centroid_norms[:, None] + row_norms[c0 : c0 + 65536][None] - np.float32(2.0) * (self.centroids @ part.T)
+            )
+
 
 class _HotSet:
     """The points that may be the farthest during one block, kept exact after every new centre.
@@ -572,13 +609,16 @@ class _HotSet:
         bank.exact_upto[self.points] = bank.n_centres
 
 
-def coverage_radius(features: np.ndarray, indices: np.ndarray, block_elements: int = 1 << 22) -> float:
+def coverage_radius(features: np.ndarray, indices: np.ndarray) -> float:
     """max over bank rows of the distance to the nearest selected row, in the full (unprojected) space.
 
-    ``features [N, D]``, ``indices [k]``. Exact brute force, no approximate index, in bounded memory
-    (blocks of at most ``block_elements`` pairs). A float32 GEMM on mean-centred rows finds, for each
-    row, the few selected rows that can be its nearest (those within the estimate's error bound of the
-    best estimate). Those are then measured exactly, from float64 differences.
+    ``features [N, D]``, ``indices [k]``. Exact, without an approximate index, in bounded memory. It is
+    the same question as the greedy's next step (which point is farthest from the centres?), so it uses
+    the same lazy machinery on the full-dimensional rows. That finds the farthest point under float32
+    distances, at a fraction of the N * k * D brute-force cost. Every point whose float32 distance
+    comes within twice float32's error bound of that maximum is then measured against every selected row
+    from float64 differences, and the largest of those is returned. So the result is the float64 value
+    for the true farthest point.
     """
     bank = _as_feature_matrix(features)
     index = np.asarray(indices)
@@ -586,27 +626,24 @@ def coverage_radius(features: np.ndarray, indices: np.ndarray, block_elements: i
         raise ValueError(f"coverage_radius: indices must be a non-empty 1-D integer array, got shape {list(index.shape)}")
     if index.min() < 0 or index.max() >= bank.shape[0]:
         raise ValueError(f"coverage_radius: indices out of range for a bank of {bank.shape[0]} rows")
-    # Estimates on centred rows (smaller norms, tighter bound; kappa also covers the centring's rounding),
-    # exact distances on the rows as given.
-    centred = bank - bank.mean(axis=0, dtype=np.float64).astype(np.float32)
-    norms = np.einsum("ij,ij->i", centred, centred, dtype=np.float64).astype(np.float32)
-    kappa = _error_coefficient(bank.shape[1])
+    index = np.unique(index)  # a set of centres; duplicates add nothing
+    rows, norms = _centred(bank)
+    lazy = _LazyBank(rows, norms, index.size, int(index[0]))
+    lazy.add_centres(index[1:])
+    lazy.upper[index] = _SELECTED  # distance 0 to themselves
+    farthest = lazy.farthest(_default_hot_size(bank.shape[0]))
+    radius2 = float(lazy.upper[farthest])
+    if radius2 <= 0.0:
+        return 0.0
+    # float32 distances are within (P + 3) u relative of the true ones: any point that could be the true
+    # farthest has a float32 distance >= radius2 (1 - 2 eps). Make those exact, then measure them in float64.
+    eps = 2.0 * (bank.shape[1] + 3) * 2.0**-24
+    floor = np.float32(radius2 * (1.0 - 2.0 * eps))
+    lazy.refresh(np.flatnonzero((lazy.upper >= floor) & (lazy.exact_upto < lazy.n_centres)), floor)
+    candidates = np.flatnonzero(lazy.upper >= floor)
     selected = bank[index].astype(np.float64)
-    selected_minus2 = np.float32(-2.0) * centred[index]
-    selected_norm = norms[index]
-    cols_per_block = min(selected.shape[0], block_elements)
-    rows_per_block = max(1, block_elements // cols_per_block)
-    radius2 = 0.0
-    for r0 in range(0, bank.shape[0], rows_per_block):
-        block = centred[r0 : r0 + rows_per_block]
-        best = np.full(block.shape[0], np.inf)  # float64 exact squared distance to the nearest so far
-        for c0 in range(0, selected.shape[0], cols_per_block):
-            c1 = c0 + cols_per_block
-            estimate = block @ selected_minus2[c0:c1].T
-            estimate += selected_norm[c0:c1]  # = ||q_i - q_c||^2 - ||q_i||^2, up to the error bound
-            band = np.float32(2.0) * kappa * (norms[r0 : r0 + block.shape[0]] + selected_norm[c0:c1].max())
-            row, col = np.nonzero(estimate <= (estimate.min(axis=1) + band)[:, None])
-            diff = bank[r0 + row].astype(np.float64) - selected[c0 + col]
-            np.minimum.at(best, row, np.einsum("ij,ij->i", diff, diff))
-        radius2 = max(radius2, float(best.max()))
-    return math.sqrt(radius2)
+    best = 0.0
+    for point in candidates:
+        diff = selected - bank[point].astype(np.float64)
+        best = max(best, float(np.einsum("ij,ij->i", diff, diff).min()))
+    return math.sqrt(best)

@@ -54,6 +54,11 @@ def bsd() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
+def bsd_all() -> np.ndarray:
+    return patch_features("ball_screw_drive", 30)  # 9720 patches: enough for several coarse regions
+
+
+@pytest.fixture(scope="module")
 def bsd_wide() -> np.ndarray:
     """152-dim features (PatchCore's EfficientNet-Lite0 width): 7x7 RGB patches plus 5 gradient channels."""
     paths = list_images(FIXTURES / "ball_screw_drive" / "train" / "good")[8:12]
@@ -101,6 +106,8 @@ CASES = [
     ("bsd", 650, 128, 100),
     ("bsd_wide", 200, 128, 64),
     ("bsd_wide", 500, 128, 5000),
+    ("bsd_all", 972, 128, 256),  # several regions, many blocks
+    ("bsd_all", 2500, 32, None),
 ]
 
 
@@ -158,12 +165,18 @@ def test_greedy_covers_better_than_a_random_subset(pcb, bsd_wide):
         assert coverage_radius(features, greedy) < 0.8 * coverage_radius(features, random)
 
 
-def test_coverage_radius_is_exact_in_small_blocks(bsd_wide):
-    indices = greedy_coreset(bsd_wide, 150, seed=2).indices
-    bank = bsd_wide.astype(np.float64)
-    brute = math.sqrt(((bank[:, None, :] - bank[indices][None]) ** 2).sum(-1).min(1).max())
-    assert coverage_radius(bsd_wide, indices) == brute
-    assert coverage_radius(bsd_wide, indices, block_elements=1000) == brute
+def brute_force_coverage(features: np.ndarray, indices: np.ndarray) -> float:
+    bank = features.astype(np.float64)
+    return math.sqrt(((bank[:, None, :] - bank[indices][None]) ** 2).sum(-1).min(1).max())
+
+
+def test_coverage_radius_is_exact(bsd_wide, pcb):
+    greedy = greedy_coreset(bsd_wide, 150, seed=2).indices
+    random = np.random.default_rng(0).choice(len(bsd_wide), 150, replace=False)
+    for indices in (greedy, random, np.concatenate([random[::-1], random[:5]])):  # any order, duplicates
+        assert coverage_radius(bsd_wide, indices) == brute_force_coverage(bsd_wide, indices)
+    ties = greedy_coreset(pcb, 50, seed=0).indices  # binarised PCB: many points tie at the maximum
+    assert coverage_radius(pcb, ties) == brute_force_coverage(pcb, ties)
     assert coverage_radius(bsd_wide, np.arange(len(bsd_wide))) == 0.0
 
 
