@@ -349,7 +349,7 @@ class _LazyBank:
         self.centre_low = np.empty(n_select, dtype=np.float32)  # (1 - kappa) ||q_c||^2
         self.centre_norms = np.empty(n_select, dtype=np.float32)  # ||q_c||^2
         self.n_centres = 0
-        self.regions = _Regions(rows, norms, n_select, start)
+        self.regions = _Regions(rows, n_select, seed=start)  # the start is already a function of the seed
         # First centre: every point's exact distance to it, as in the reference's first iteration.
         self.upper = squared_distances(rows, rows[start])
         self.upper[start] = _SELECTED
@@ -528,7 +528,7 @@ class _Regions:
     ``to_centres[g, c]`` is the squared distance from region g's centroid to centre c.
     """
 
-    def __init__(self, rows: np.ndarray, norms: np.ndarray, n_select: int, seed: int):
+    def __init__(self, rows: np.ndarray, n_select: int, seed: int):
         n = rows.shape[0]
         n_regions = int(min(max(n // _REGION_SIZE, 1), _REGIONS_MAX))
         rng = np.random.default_rng([int(seed), _REGION_STREAM])
