@@ -51,6 +51,12 @@ def pcb_bundle(bundle_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def coreset10_bundle(bundle_factory) -> Path:
+    """fixtures/ball_screw_drive with a 10 % greedy coreset (the ratio issue 5's accuracy check names)."""
+    return bundle_factory("bsd_coreset10", coreset=0.1).bundle
+
+
+@pytest.fixture(scope="session")
 def full_bank_bundle(bundle_factory) -> Path:
     """fixtures/ball_screw_drive with the whole memory bank (no coreset): the reference configuration."""
     return bundle_factory("bsd_full", coreset=1.0).bundle

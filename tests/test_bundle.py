@@ -23,7 +23,9 @@ def test_export_writes_a_complete_verified_bundle(fixture_report):
     assert bank.shape == (m.memory_bank.n, 152) and bank.dtype == np.float32
     # The coreset is the configured fraction of every patch feature of the kept training images.
     assert m.memory_bank.n_features_total == fixture_report.n_train_images * 784
-    assert m.memory_bank.n == pytest.approx(0.1 * m.memory_bank.n_features_total, abs=1)
+    from pcedge.export.fit import DEFAULT_CORESET
+
+    assert m.memory_bank.n == pytest.approx(DEFAULT_CORESET * m.memory_bank.n_features_total, abs=1)
     assert m.memory_bank.coverage_radius > 0
     assert m.model.parity.max_rel_error <= 1e-3 and m.model.parity.min_cosine > 0.9999
     assert m.threshold.value > 0 and m.threshold.n_images == fixture_report.n_val_images >= 3

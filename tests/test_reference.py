@@ -2,7 +2,7 @@
 
 1. Full memory bank (export with coreset 1.0) and the exact index: the same numbers as the reference, to
    float tolerance (the backbone runs in ONNX Runtime on one side and torch on the other).
-2. The default export (10 % greedy coreset) with HNSW: pixel AUROC within 0.5 points of the full-bank
+2. An export with a 10 % greedy coreset and HNSW: pixel AUROC within 0.5 points of the full-bank
    reference, image AUROC within this fixture's resolution (two of 64 pairs), and s* within the bounds
    the coreset's coverage radius guarantees.
 """
@@ -92,9 +92,10 @@ def test_full_bank_exact_index_matches_the_reference(full_bank_bundle, reference
                                    err_msg=name)
 
 
-def test_coreset_and_hnsw_stay_close_to_the_full_bank_reference(fixture_bundle, reference, category):
+def test_coreset_and_hnsw_stay_close_to_the_full_bank_reference(coreset10_bundle, reference, category):
     from pcedge.runtime.bundle import open_bundle
 
+    fixture_bundle = coreset10_bundle
     manifest = open_bundle(fixture_bundle).manifest
     assert manifest.memory_bank.coreset == "greedy" and manifest.memory_bank.coreset_ratio == pytest.approx(0.1, abs=0.01)
     _, expected = reference
