@@ -150,7 +150,8 @@ def cached_bundle(name: str, data: Path, fresh: bool = False, **overrides) -> Ca
                 log(f"cached bundle {path} is unusable ({exc}); exporting again")
     log(f"exporting {data} -> {path} ({', '.join(f'{k}={v}' for k, v in overrides.items()) or 'defaults'})")
     config = dataclasses.replace(defaults, force=True, progress=False, **overrides)
+    before = load_average()
     report = export_bundle(config)
     write_json(record, {"key": key, "settings": settings, "data": str(data), "n_train_images": report.n_train_images,
-                        "export_seconds": report.seconds})
+                        "export_seconds": report.seconds, "loadavg_before": before, "loadavg_after": load_average()})
     return CachedBundle(path, False, key, settings, report.seconds)
