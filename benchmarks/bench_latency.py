@@ -36,7 +36,6 @@ from common import (  # noqa: E402
     OFFICIAL_MS_PER_IMAGE_CONTEXT,
     RESULTS,
     MachineInfo,
-    Percentiles,
     cached_bundle,
     load_average,
     log,
@@ -46,12 +45,12 @@ from common import (  # noqa: E402
 
 from pcedge.runtime.cli_bench import (  # noqa: E402
     BackboneWork,
+    BenchConfig,
+    BenchReport,
     RunResult,
     backbone_work,
     frames_from_files,
     run_one,
-    BenchConfig,
-    BenchReport,
 )
 
 TARGET_MS = 15.0
