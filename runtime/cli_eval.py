@@ -27,7 +27,7 @@ from .bundle import BundleError
 from .cli_common import add_detector_arguments, detector_options
 from .dataset import Category, DatasetError, TestItem, load_category, read_mask
 from .errors import BackendUnavailable
-from .metrics import PrecisionRecallF1, aupro, auroc, f1_max, pixel_auroc, precision_recall_f1
+from .metrics import MetricError, PrecisionRecallF1, aupro, auroc, f1_max, pixel_auroc, precision_recall_f1
 from .preprocess import ImageError, fit_geometry, read_image
 
 HELP = "accuracy on a labelled category folder (MVTec layout): image/pixel AUROC, AUPRO, F1"
@@ -313,15 +313,17 @@ def format_report(report: EvalReport) -> str:
 
 
 def coverage_warning(coverage: CoverageReport) -> str | None:
+    empty = (f"warning: {coverage.n_empty} defect images have an empty mask (no defect pixel); they count for "
+             "the image metrics only") if coverage.n_empty else None
     if not coverage.n_affected:
-        return None
+        return empty
     shown = "\n    ".join(coverage.files[:10]) + ("\n    ..." if len(coverage.files) > 10 else "")
     return (
         f"warning: {coverage.n_affected} of {coverage.n_defect_masks} defect masks lie outside the region the model "
         f"sees ({coverage.n_wholly_outside} wholly, {coverage.n_partly_outside} partly; "
         f"{100 * coverage.unseen_defect_pixel_fraction:.1f}% of all defect pixels unseen). Those pixels count as "
         f"missed. A geometry that keeps the whole frame (pcedge export --mode stretch or letterbox) sees them:\n    {shown}"
-    )
+    ) + (f"\n{empty}" if empty else "")
 
 
 def _jsonable(value):
@@ -385,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
         with detector:
             metrics, coverage, mean_ms, records = evaluate(detector, category, args.pixel_size, args.batch,
                                                            progress=not args.quiet)
-    except (ImageError, DatasetError) as exc:
+    except (ImageError, DatasetError, MetricError) as exc:
         print(f"pcedge eval: {exc}", file=sys.stderr)
         return 2
     report = EvalReport(

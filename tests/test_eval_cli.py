@@ -12,7 +12,7 @@ import pytest
 
 from pcedge.cli import main
 from pcedge.runtime.bundle import Geometry
-from pcedge.runtime.cli_eval import AccuracyAccumulator, downscale_map, downscale_mask, eval_size
+from pcedge.runtime.cli_eval import AccuracyAccumulator, coverage_warning, downscale_map, downscale_mask, eval_size
 from pcedge.runtime.dataset import TestItem, load_category
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,3 +173,13 @@ def test_accumulator_counts_masks_outside_the_seen_region(tmp_path):
     metrics = acc.metrics()
     assert metrics.at_threshold is None  # no verdicts given
     assert metrics.image_auroc == 1.0
+
+
+def test_empty_defect_masks_are_counted_and_reported(tmp_path):
+    path = tmp_path / "0_mask.png"
+    cv2.imwrite(str(path), np.zeros((6, 10), np.uint8))
+    acc = AccuracyAccumulator(pixel_size=0)
+    amap = np.ones((6, 10), np.float32)
+    acc.add(TestItem(path, "crack", True, path), 1.0, amap, None, np.ones((6, 10), bool))
+    assert (acc.coverage.n_defect_masks, acc.coverage.n_empty, acc.coverage.n_affected) == (1, 1, 0)
+    assert "1 defect images have an empty mask" in coverage_warning(acc.coverage)
