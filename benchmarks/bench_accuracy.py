@@ -16,7 +16,6 @@ beside it for context; they are a different dataset and backbone).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import sys

@@ -129,6 +129,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  skipped {len(report.skipped)} unreadable file(s):")
         for line in report.skipped:
             print(f"    {line}")
-    print(f"  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
+    print("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
     print(f"next: pcedge info {report.bundle}   |   pcedge predict {report.bundle} IMAGES... --save-maps out/")
     return 0

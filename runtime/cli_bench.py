@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .versions import package_versions
 from .backends import BACKENDS
 from .bundle import BundleError
 from .errors import BackendUnavailable
@@ -229,19 +230,6 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def library_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("pcedge", "numpy", "onnxruntime", "onnxruntime-gpu", "hnswlib", "opencv-python-headless",
-                 "opencv-python", "onnx", "tensorrt"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def blas_description() -> str:
     try:
         config = np.show_config(mode="dicts")
@@ -254,7 +242,7 @@ def blas_description() -> str:
 def machine_info() -> MachineInfo:
     return MachineInfo(
         cpu_model=cpu_model(), simd=simd_flags(), logical_cpus=os.cpu_count() or 1, usable_cpus=usable_cpus(),
-        platform=platform.platform(), python=platform.python_version(), versions=library_versions(),
+        platform=platform.platform(), python=platform.python_version(), versions=package_versions(),
         blas=blas_description(), loadavg_start=list(os.getloadavg()),
     )
 

@@ -84,3 +84,19 @@ def percentile(values: list[float], q: float) -> float:
     import numpy as np
 
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
+
+
+def open_detector(args: argparse.Namespace, command: str):
+    """The command's :class:`~pcedge.runtime.detector.Detector`, or None after printing why it cannot open
+    (missing or tampered bundle, unavailable backend, bad option) as ``pcedge COMMAND: reason``."""
+    import sys
+
+    from .bundle import BundleError
+    from .detector import Detector
+    from .errors import BackendUnavailable
+
+    try:
+        return Detector.open(args.bundle, detector_options(args))
+    except (BundleError, BackendUnavailable, ValueError) as exc:
+        print(f"pcedge {command}: {exc}", file=sys.stderr)
+        return None

@@ -23,10 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .bundle import BundleError
-from .cli_common import add_detector_arguments, detector_options
+from .cli_common import add_detector_arguments, open_detector
 from .dataset import Category, DatasetError, TestItem, load_category, read_mask
-from .errors import BackendUnavailable
 from .metrics import MetricError, PrecisionRecallF1, aupro, auroc, f1_max, pixel_auroc, precision_recall_f1
 from .preprocess import ImageError, fit_geometry, read_image
 
@@ -363,7 +361,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .detector import Detector
 
     if args.batch < 1:
         print("pcedge eval: --batch must be at least 1", file=sys.stderr)
@@ -373,10 +370,8 @@ def run(args: argparse.Namespace) -> int:
     except DatasetError as exc:
         print(f"pcedge eval: {exc}", file=sys.stderr)
         return 2
-    try:
-        detector = Detector.open(args.bundle, detector_options(args))
-    except (BundleError, BackendUnavailable, ValueError) as exc:
-        print(f"pcedge eval: {exc}", file=sys.stderr)
+    detector = open_detector(args, "eval")
+    if detector is None:
         return 2
     description, threshold = detector.description, detector.threshold
     counts = ", ".join(f"{label} {category.count(label)}" for label in category.defect_types)

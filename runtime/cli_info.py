@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     t = m.threshold
     lines = [
         f"bundle      {bundle.root}  (format {m.format} v{m.schema_version}, created {m.created})",
-        f"exporter    " + ", ".join(f"{k} {v}" for k, v in m.exporter.items()),
+        "exporter    " + ", ".join(f"{k} {v}" for k, v in m.exporter.items()),
         f"input       {m.input.name} {m.input.shape} {m.input.dtype} {m.input.colour_order} in {m.input.value_range}; "
         f"{geometry}; normalisation {m.input.normalisation}",
         f"output      {m.output.name} {m.output.shape}: grid {m.output.grid_h}x{m.output.grid_w} (stride {m.output.stride}), D={m.output.dim}",

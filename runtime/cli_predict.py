@@ -9,9 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .bundle import BundleError
-from .cli_common import add_detector_arguments, detector_options, expand_inputs, percentile, unique_names
-from .errors import BackendUnavailable
+from .cli_common import add_detector_arguments, open_detector, expand_inputs, percentile, unique_names
 from .preprocess import ImageError, read_image
 
 HELP = "score images (files, folders, globs): verdicts, anomaly-map overlays, a JSONL log"
@@ -41,7 +39,6 @@ def result_record(path: str, result) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .detector import Detector
     from .overlay import render_overlay, write_image
 
     try:
@@ -52,10 +49,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         print("pcedge predict: --batch must be at least 1", file=sys.stderr)
         return 2
-    try:
-        detector = Detector.open(args.bundle, detector_options(args))
-    except (BundleError, BackendUnavailable, ValueError) as exc:
-        print(f"pcedge predict: {exc}", file=sys.stderr)
+    detector = open_detector(args, "predict")
+    if detector is None:
         return 2
     names = unique_names(paths)
     if args.save_maps:

@@ -8,7 +8,6 @@ the worst relative image-score error of HNSW (with the exact re-scoring pass) ag
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 
 import numpy as np

@@ -7,9 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .bundle import BundleError
-from .cli_common import add_detector_arguments, detector_options
-from .errors import BackendUnavailable
+from .cli_common import add_detector_arguments, open_detector
 
 HELP = "live inference on a camera, RTSP/HTTP stream, GStreamer pipeline, video file or image folder"
 
@@ -53,7 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .camera import SourceError, open_source
-    from .detector import Detector
     from .pipeline import WatchError, WatchOptions, WatchPipeline
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -61,10 +58,8 @@ def run(args: argparse.Namespace) -> int:
         jsonl=args.jsonl, save_dir=args.save_dir, save_every_s=args.save_every_s, video_out=args.video_out,
         show=args.show, max_frames=args.max_frames, duration_s=args.duration,
     )
-    try:
-        detector = Detector.open(args.bundle, detector_options(args))
-    except (BundleError, BackendUnavailable, ValueError) as exc:
-        print(f"pcedge watch: {exc}", file=sys.stderr)
+    detector = open_detector(args, "watch")
+    if detector is None:
         return 2
     with detector:
         try:
