@@ -7,9 +7,9 @@ everything else (preprocess, backbone, index search with exact re-scoring, Eq. 7
 original image) is included. Indexes: exact, hnsw and auto (what ``auto`` resolved to is reported).
 
 Variants (``--variants``): the same detector under different process-level thread settings, to show
-what the 2-core CPU loses to thread contention: ``shipped`` (today's defaults), ONNX Runtime's intra-op
-threads not spinning after each run, numpy's BLAS on 1 thread, and both. Only ``shipped`` is what the
-``pcedge`` command does unless the runtime adopts a setting.
+what the 2-core CPU loses to thread contention: ``shipped`` (the runtime as it is: ONNX Runtime without
+intra-op spinning, numpy's BLAS on one thread while a detector is open), and the defaults those replaced,
+one at a time and together (``ort-spinning``, ``blas-unlimited``, ``previous-defaults``).
 
 Each round times every variant and index one after another (each with its own warm-up); ``--rounds 2``
 repeats the whole measurement, so a burst of other work on the machine does not decide the result, and
@@ -17,13 +17,12 @@ the JSON keeps every round with the load average before and after. The headline 
 is the round with the lower median (the less disturbed one); all rounds are in the JSON.
 
     python benchmarks/bench_latency.py                      # -> results/latency.json
-    python benchmarks/bench_latency.py --rounds 2 --repeats 300
+    python benchmarks/bench_latency.py --rounds 3 --variants shipped
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -55,26 +54,34 @@ from pcedge.runtime.cli_bench import (  # noqa: E402
 
 TARGET_MS = 15.0
 INDEXES = ("exact", "hnsw", "auto")
+VARIANT_NAMES = ("shipped", "ort-spinning", "blas-unlimited", "previous-defaults")
 
 
 @dataclass
 class Variant:
-    """Process-level runtime settings the detector runs under (the bundle and the code are the same)."""
+    """Process-level thread settings the detector runs under (the bundle and the code are the same)."""
 
     name: str
-    ort_spinning: bool  # ONNX Runtime's intra-op threads busy-wait after each run (its default)
-    blas_threads: int | None  # numpy's BLAS pool for the exact index (None: the library default, all cores)
+    ort_allow_spinning: bool | None  # None: as the runtime's backend sets it
+    blas_threads: int | None  # DetectorOptions.blas_threads (None: numpy's default, every core)
     description: str
 
 
-VARIANTS = {
-    "shipped": Variant("shipped", True, None,
-                       "as pcedge runs today: ONNX Runtime defaults (spinning intra-op threads), BLAS default threads"),
-    "no-spin": Variant("no-spin", False, None,
-                       "session config session.intra_op.allow_spinning = 0 (threads sleep between runs)"),
-    "blas-1": Variant("blas-1", True, 1, "numpy's BLAS limited to 1 thread (threadpoolctl) for the exact index"),
-    "no-spin+blas-1": Variant("no-spin+blas-1", False, 1, "both of the above"),
-}
+def make_variants() -> dict[str, Variant]:
+    """``shipped`` (the runtime as it is) and the defaults it replaced, one at a time and together."""
+    from pcedge.runtime.detector import DetectorOptions
+
+    shipped_blas = DetectorOptions().blas_threads
+    return {
+        "shipped": Variant("shipped", None, shipped_blas,
+                           f"the runtime as it is (ONNX Runtime without intra-op spinning, BLAS limited to "
+                           f"{shipped_blas} thread(s) while a detector is open)"),
+        "ort-spinning": Variant("ort-spinning", True, shipped_blas,
+                                "ONNX Runtime's intra-op threads busy-wait after each run (its own default)"),
+        "blas-unlimited": Variant("blas-unlimited", None, None,
+                                  "numpy's BLAS on its default thread count (every core) for the exact index"),
+        "previous-defaults": Variant("previous-defaults", True, None, "both: ONNX Runtime's and numpy's defaults"),
+    }
 
 
 @dataclass
@@ -126,8 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=200, help="timed images per index per round (default 200)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed images per index first (default 20)")
     parser.add_argument("--rounds", type=int, default=2, help="repeat the whole measurement (default 2)")
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS),
-                        help="runtime settings to compare (default: all; 'shipped' is what pcedge does today)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANT_NAMES, default=list(VARIANT_NAMES),
+                        help="thread settings to compare (default: all; 'shipped' is the runtime as it is)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
     parser.add_argument("--fresh", action="store_true", help="re-export the bundle even if a cached one matches")
     parser.add_argument("--out", type=Path, default=RESULTS / "latency.json")
@@ -135,28 +142,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def open_variant_backend(bundle, threads: int, variant: Variant):
-    """The shipped ONNX Runtime CPU backend; for ``ort_spinning=False`` its session is re-created with the same
-    options plus ``allow_spinning = 0`` (read back from the session, so nothing else differs)."""
+    """The runtime's ONNX Runtime CPU backend; when the variant sets ``ort_allow_spinning``, its session is
+    re-created with the same options (read back from the session, so nothing else differs) and that setting."""
     import onnxruntime as ort
 
     from pcedge.runtime.backends import open_backend
 
     backend = open_backend("ort-cpu", bundle, threads=threads)
-    if not variant.ort_spinning:
+    if variant.ort_allow_spinning is not None:
         options = backend.session.get_session_options()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if variant.ort_allow_spinning else "0")
         backend.session = ort.InferenceSession(str(bundle.model_path), sess_options=options,
                                                providers=backend.session.get_providers())
-        backend.description += " [allow_spinning=0]"
+        backend.description += f" [allow_spinning={int(variant.ort_allow_spinning)}]"
     return backend
 
 
-def blas_limit(threads: int | None):
-    if threads is None:
-        return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits  # benchmark-only dependency (scikit-learn brings it)
-
-    return threadpool_limits(limits=threads, user_api="blas")
+def summarise_rounds(rounds: list[Round], variants: list[Variant]) -> list[IndexSummary]:
+    """Per variant and index: the round with the lower median (the less disturbed one) as the headline."""
+    summary = []
+    for variant in variants:
+        for i, index in enumerate(INDEXES):
+            medians = [r.runs[variant.name][i].per_image_ms.p50 for r in rounds]
+            best = min(range(len(rounds)), key=lambda k: medians[k])
+            run = rounds[best].runs[variant.name][i]
+            summary.append(IndexSummary(
+                variant=variant.name, index=index, index_kind=run.index_kind, median_ms=run.per_image_ms.p50,
+                p95_ms=run.per_image_ms.p95, p99_ms=run.per_image_ms.p99, meets_target=run.per_image_ms.p50 <= TARGET_MS,
+                stages_p50_ms={s.name: s.ms.p50 for s in run.stages}, stages_p95_ms={s.name: s.ms.p95 for s in run.stages},
+                headline_round=rounds[best].number, medians_by_round=medians,
+            ))
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     from pcedge.runtime.flops import measure_peak
 
     args = parse_args(argv)
-    variants = [VARIANTS[name] for name in VARIANTS if name in args.variants]  # shipped first
+    all_variants = make_variants()
+    variants = [all_variants[name] for name in VARIANT_NAMES if name in args.variants]  # shipped first
     cached = cached_bundle("bsdata_default", args.data, fresh=args.fresh)
     bundle = open_bundle(cached.path, verify=True)
     m = bundle.manifest
@@ -182,47 +199,36 @@ def main(argv: list[str] | None = None) -> int:
         bank_rows=m.memory_bank.n, dim=m.memory_bank.dim, peak=peak, backbone_work=work, backbone_work_note=work_note,
     )
     config = BenchConfig(bundle=cached.path, batches=(1,), repeats=args.repeats, warmup=args.warmup, threads=threads)
-    backends = {v.name: open_variant_backend(bundle, threads, v) for v in variants}
-    detectors = {(v.name, index): Detector(bundle, backends[v.name], DetectorOptions(
-        backend="ort-cpu", index=index, threads=threads, verify_checksums=False)) for v in variants for index in INDEXES}
+    descriptions: dict[str, str] = {}
     rounds: list[Round] = []
-    try:
-        for number in range(1, args.rounds + 1):
-            before = load_average()
-            runs: dict[str, list[RunResult]] = {}
-            for variant in variants:
-                runs[variant.name] = []
-                for index in INDEXES:
-                    started = time.perf_counter()
-                    with blas_limit(variant.blas_threads):
-                        run = run_one(base, detectors[(variant.name, index)], index, frames, 1, config)
-                    runs[variant.name].append(run)
-                    log(f"round {number} {variant.name:15s} {index:5s} ({run.index_kind}): median "
-                        f"{run.per_image_ms.p50:.2f} ms, p95 {run.per_image_ms.p95:.2f} ms "
-                        f"({time.perf_counter() - started:.0f} s; load {load_average()[0]})")
-            rounds.append(Round(number, before, load_average(), runs))
-    finally:
-        for backend in backends.values():
-            backend.close()
+    for number in range(1, args.rounds + 1):
+        before = load_average()
+        runs: dict[str, list[RunResult]] = {}
+        for variant in variants:
+            runs[variant.name] = []
+            for index in INDEXES:
+                started = time.perf_counter()
+                # A detector per run, closed after it: it owns the backend and, while open, holds the
+                # process-wide BLAS thread limit of its options.
+                backend = open_variant_backend(bundle, threads, variant)
+                descriptions[variant.name] = backend.description
+                options = DetectorOptions(backend="ort-cpu", index=index, threads=threads, verify_checksums=False,
+                                          blas_threads=variant.blas_threads)
+                with Detector(bundle, backend, options) as detector:
+                    run = run_one(base, detector, index, frames, 1, config)
+                runs[variant.name].append(run)
+                log(f"round {number} {variant.name:17s} {index:5s} ({run.index_kind}): median "
+                    f"{run.per_image_ms.p50:.2f} ms, p95 {run.per_image_ms.p95:.2f} ms "
+                    f"({time.perf_counter() - started:.0f} s; load {load_average()[0]})")
+        rounds.append(Round(number, before, load_average(), runs))
 
-    summary = []
-    for variant in variants:
-        for i, index in enumerate(INDEXES):
-            medians = [r.runs[variant.name][i].per_image_ms.p50 for r in rounds]
-            best = min(range(len(rounds)), key=lambda k: medians[k])
-            run = rounds[best].runs[variant.name][i]
-            summary.append(IndexSummary(
-                variant=variant.name, index=index, index_kind=run.index_kind, median_ms=run.per_image_ms.p50,
-                p95_ms=run.per_image_ms.p95, p99_ms=run.per_image_ms.p99, meets_target=run.per_image_ms.p50 <= TARGET_MS,
-                stages_p50_ms={s.name: s.ms.p50 for s in run.stages}, stages_p95_ms={s.name: s.ms.p95 for s in run.stages},
-                headline_round=rounds[best].number, medians_by_round=medians,
-            ))
+    summary = summarise_rounds(rounds, variants)
     base.machine.loadavg_end = load_average()
     report = LatencyReport(
         target_ms=TARGET_MS,
         setting="bundle exported with default settings; ort-cpu; batch 1; decode excluded, everything else included",
         bundle=str(cached.path), bundle_reused_from_cache=cached.reused, bank_rows=m.memory_bank.n,
-        dim=m.memory_bank.dim, threads=threads, backend=backends[variants[0].name].description,
+        dim=m.memory_bank.dim, threads=threads, backend=descriptions[variants[0].name],
         images={"source": images.source, "n": images.n, "frame_shapes": images.frame_shapes},
         machine=base.machine, peak=peak, backbone_work=work, variants=variants, summary=summary, rounds=rounds,
         context=f"the official implementation (amazon-science/patchcore-inspection) takes about "
@@ -231,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_json(args.out, report)
 
-    print(f"{'variant':15s} {'index':13s} {'median':>7s} {'p95':>7s}  preprocess backbone  index scoring  "
+    print(f"{'variant':17s} {'index':13s} {'median':>7s} {'p95':>7s}  preprocess backbone  index scoring  "
           f"(ms, p50)  target {TARGET_MS:.0f} ms")
     for s in summary:
         st = s.stages_p50_ms
-        print(f"{s.variant:15s} {s.index + ' (' + s.index_kind + ')':13s} {s.median_ms:7.2f} {s.p95_ms:7.2f}  "
+        print(f"{s.variant:17s} {s.index + ' (' + s.index_kind + ')':13s} {s.median_ms:7.2f} {s.p95_ms:7.2f}  "
               f"{st['preprocess']:10.2f} {st['backbone']:8.2f} {st['index']:6.2f} {st['scoring']:7.2f}  "
               f"{'met' if s.meets_target else 'MISSED':>21s}")
     print(f"wrote {args.out}")

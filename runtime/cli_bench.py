@@ -305,14 +305,15 @@ def backbone_work(model_path: Path) -> tuple[BackboneWork | None, str]:
     return work, "counted from the ONNX graph at batch 1 (runtime/flops.py)"
 
 
-def _rates(floor: StageFloor, median_ms: float, peak) -> StageFloor:
+def _rates(floor: StageFloor, median_ms: float, peak, threads: int | None = None) -> StageFloor:
+    """Achieved rates at ``median_ms``, as fractions of the peak measured at ``threads`` (None: the bench's)."""
     seconds = median_ms / 1e3
     if seconds <= 0:
         return floor
     if floor.flops is not None:
         floor.achieved_flops_per_s = floor.flops / seconds
         if peak is not None:
-            floor.fraction_of_peak_flops = floor.achieved_flops_per_s / peak.sgemm_flops_per_s
+            floor.fraction_of_peak_flops = floor.achieved_flops_per_s / peak.sgemm_at(threads)
     if floor.bytes is not None:
         floor.achieved_bytes_per_s = floor.bytes / seconds
         if peak is not None:
@@ -344,7 +345,8 @@ def stage_floors(report: BenchReport, index_kind: str, batch: int, frames: list[
             distance_computations=float(P * N), flops=2.0 * P * N * D,
             bytes=float(N * D * 4 * -(-P // 1024) + P * D * 4),
             note=f"exact: every one of the {P} patches against all {N} memory features; FLOPs of the "
-                 f"[{P}, {D}] x [{D}, {N}] matrix product; bytes: the bank read once per 1024-query block")
+                 f"[{P}, {D}] x [{D}, {N}] matrix product, against the sgemm peak at the detector's BLAS threads; "
+                 f"bytes: the bank read once per 1024-query block")
     else:
         floors["index"] = StageFloor(
             distance_computations=None,
@@ -399,10 +401,12 @@ def run_one(report: BenchReport, detector, requested_index: str, frames: list[np
     kind = getattr(detector.index, "kind", "?")
     rescored = float(np.mean(timings["rescored"]))
     floors = stage_floors(report, kind, batch, frames, rescored, detector.scorer)
+    # The exact index's products run on the detector's BLAS threads; the other stages on the bench's threads.
+    blas = getattr(detector.options, "blas_threads", None)
     stages = []
     for name in STAGES:
         ms = Percentiles.of(timings[name])
-        stages.append(StageResult(name, ms, _rates(floors[name], ms.p50, report.peak)))
+        stages.append(StageResult(name, ms, _rates(floors[name], ms.p50, report.peak, blas if name == "index" else None)))
     stage_sum = [sum(timings[name][i] for name in STAGES) for i in range(config.repeats)]
     calls = timings["call"]
     index_p50 = stages[STAGES.index("index")].ms.p50
@@ -453,25 +457,24 @@ def run_bench(config: BenchConfig, log=print) -> BenchReport:
                   "decode": "excluded (frames decoded once before timing)"},
     )
     for kind in config.backends:
-        try:
-            backend = open_backend(kind, bundle, threads=threads, precision=config.precision)
-        except BackendUnavailable as exc:
-            report.skipped.append(Skipped(kind, str(exc)))
-            log(f"skip {kind}: {exc}")
-            continue
-        try:
-            for index in config.indexes:
-                options = DetectorOptions(backend=kind, index=index, ef=config.ef, threads=threads,
-                                          precision=config.precision, verify_checksums=False)
-                detector = Detector(bundle, backend, options)
+        for index in config.indexes:
+            try:
+                backend = open_backend(kind, bundle, threads=threads, precision=config.precision)
+            except BackendUnavailable as exc:
+                report.skipped.append(Skipped(kind, str(exc)))
+                log(f"skip {kind}: {exc}")
+                break
+            options = DetectorOptions(backend=kind, index=index, ef=config.ef, threads=threads,
+                                      precision=config.precision, verify_checksums=False)
+            # One detector per index, closed before the next: it owns the backend, and while open it holds
+            # the process-wide BLAS thread limit (DetectorOptions.blas_threads).
+            with Detector(bundle, backend, options) as detector:
                 for batch in config.batches:
                     run = run_one(report, detector, index, frames, batch, config)
                     report.runs.append(run)
                     log(f"{kind:8s} {index:5s} ({run.index_kind}) batch {batch}: "
                         f"{run.per_image_ms.p50:7.2f} ms/image p50, {run.per_image_ms.p95:7.2f} p95, "
                         f"{run.throughput_images_per_s:6.1f} images/s")
-        finally:
-            backend.close()
     report.machine.loadavg_end = list(os.getloadavg())
     return report
 
@@ -536,8 +539,10 @@ def markdown(report: BenchReport) -> str:
     ]
     if report.peak is not None:
         p = report.peak
-        lines += [f"Peak measured here: sgemm {p.sgemm_flops_per_s / 1e9:.1f} GFLOP/s (n = {p.sgemm_n}, BLAS threads "
-                  f"{p.blas_threads}), copy {p.copy_bytes_per_s / 1e9:.1f} GB/s ({p.copy_threads} thread(s)).", ""]
+        by_threads = ", ".join(f"{v / 1e9:.1f} GFLOP/s on {t} thread{'s' if int(t) > 1 else ''}"
+                               for t, v in sorted(p.sgemm_by_threads.items(), key=lambda kv: int(kv[0])))
+        lines += [f"Peak measured here: sgemm {by_threads} (n = {p.sgemm_n}, BLAS threads set by {p.blas_threads}), "
+                  f"copy {p.copy_bytes_per_s / 1e9:.1f} GB/s ({p.copy_threads} thread(s)).", ""]
     if report.backbone_work is not None:
         w = report.backbone_work
         lines += [f"Backbone graph per image: {w.macs / 1e6:.1f} M MACs = {w.flops / 1e6:.1f} MFLOPs, "

@@ -428,14 +428,19 @@ class MachinePeak:
     """Best sustained rates measured here (the maximum over repeats: the least disturbed run)."""
 
     threads: int
-    sgemm_flops_per_s: float  # float32 n x n matrix product, 2 n^3 FLOPs per product
+    sgemm_flops_per_s: float  # float32 n x n matrix product at `threads` BLAS threads, 2 n^3 FLOPs per product
+    sgemm_by_threads: dict[str, float]  # the same at 1 and at `threads` threads ("1", "2", ...)
     sgemm_n: int
-    blas_threads: str  # how many BLAS threads ran the product ("library default" without threadpoolctl)
+    blas_threads: str  # how the BLAS thread count was set ("threadpoolctl", or "library default" without it)
     copy_bytes_per_s: float  # numpy copy of a large array: bytes read + bytes written, per second
     copy_mib: int  # size of the copied array
     copy_threads: int  # copies split into this many slices on as many Python threads (numpy releases the GIL)
     repeats: int
     seconds: float  # time spent measuring
+
+    def sgemm_at(self, threads: int | None) -> float:
+        """The sgemm peak at ``threads`` BLAS threads if measured, else at :attr:`threads`."""
+        return self.sgemm_by_threads.get(str(threads), self.sgemm_flops_per_s) if threads else self.sgemm_flops_per_s
 
 
 def _blas_threads_limited(threads: int):
@@ -446,11 +451,12 @@ def _blas_threads_limited(threads: int):
         import contextlib
 
         return contextlib.nullcontext(), "library default (threadpoolctl not installed)"
-    return threadpool_limits(limits=threads, user_api="blas"), str(threads)
+    return threadpool_limits(limits=threads, user_api="blas"), "threadpoolctl"
 
 
 def measure_sgemm(threads: int, n: int = 2048, repeats: int = 5) -> tuple[float, str]:
-    """``(FLOP/s, blas threads)``: the fastest of ``repeats`` float32 ``[n, n] @ [n, n]`` products (after one warm-up)."""
+    """``(FLOP/s, how threads were set)``: the fastest of ``repeats`` float32 ``[n, n] @ [n, n]`` products
+    (after one warm-up) on ``threads`` BLAS threads."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
@@ -485,7 +491,7 @@ def measure_copy(threads: int, mib: int = 256, repeats: int = 5) -> float:
 
 
 def measure_peak(threads: int, sgemm_n: int = 2048, copy_mib: int = 256, repeats: int = 5) -> MachinePeak:
-    """This machine's float32 matrix-product FLOP/s and copy bandwidth at ``threads`` threads.
+    """This machine's float32 matrix-product FLOP/s (at 1 and ``threads`` threads) and copy bandwidth.
 
     The bandwidth is the best of 1 and ``threads`` copying threads (one core often saturates memory and
     two threads then contend).
@@ -493,11 +499,14 @@ def measure_peak(threads: int, sgemm_n: int = 2048, copy_mib: int = 256, repeats
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     started = time.perf_counter()
-    flops, how = measure_sgemm(threads, sgemm_n, repeats)
+    by_threads = {}
+    for t in sorted({1, threads}):
+        by_threads[str(t)], how = measure_sgemm(t, sgemm_n, repeats)
     copy_rates = {t: measure_copy(t, copy_mib, repeats) for t in sorted({1, threads})}
     copy_threads = max(copy_rates, key=copy_rates.get)
     return MachinePeak(
-        threads=threads, sgemm_flops_per_s=flops, sgemm_n=sgemm_n, blas_threads=how,
+        threads=threads, sgemm_flops_per_s=by_threads[str(threads)], sgemm_by_threads=by_threads, sgemm_n=sgemm_n,
+        blas_threads=how,
         copy_bytes_per_s=copy_rates[copy_threads], copy_mib=copy_mib, copy_threads=copy_threads, repeats=repeats,
         seconds=time.perf_counter() - started,
     )

@@ -162,6 +162,7 @@ def test_bench_writes_json_and_markdown(fixture_bundle, tmp_path, capsys):
     assert report["settings"]["batches"] == [1, 2] and report["settings"]["repeats"] == 3
     assert len(report["machine"]["loadavg_start"]) == 3 and report["machine"]["versions"]["onnxruntime"]
     assert report["peak"]["sgemm_flops_per_s"] > 0 and report["peak"]["copy_bytes_per_s"] > 0
+    assert "1" in report["peak"]["sgemm_by_threads"]  # the index's BLAS runs on one thread by default
     assert report["backbone_work"]["flops"] > 0 and report["backbone_work"]["bytes_unfused"] > 0
     assert "already network-sized" in report["images"]["note"]
 
