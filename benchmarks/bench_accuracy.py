@@ -4,7 +4,7 @@ For each category: export pcedge bundles with a 1 % and a 10 % greedy coreset, e
 exact index and with HNSW (ONNX Runtime CPU backend), and fit the reference (every training patch in
 the memory bank, exact float64 distances, literal Eq. 7; ``benchmarks/reference_patchcore.py``) on
 exactly the same training images. Metrics: image AUROC, pixel AUROC, AUPRO (FPR <= 0.3), image F1-max
-and F1 at the calibrated threshold, all from ``pcedge.runtime.metrics`` at the same pixel resolution.
+and F1 at the calibrated threshold, all from ``pcedge.runtime.evaluation.metrics`` at the same pixel resolution.
 
 Writes ``OUT/accuracy.json`` and ``OUT/accuracy.md`` (the table, with the paper's MVTec AD averages
 beside it for context; they are a different dataset and backbone).
@@ -34,8 +34,9 @@ from reference_patchcore import ReferenceConfig, ReferencePatchCore  # noqa: E40
 
 from pcedge.export.fit import ExportConfig, export_bundle, split_validation  # noqa: E402
 from pcedge.runtime.bundle import Geometry  # noqa: E402
-from pcedge.runtime.cli_eval import AccuracyAccumulator, evaluate, write_json  # noqa: E402
-from pcedge.runtime.dataset import Category, load_category  # noqa: E402
+from pcedge.runtime.evaluation.accuracy import AccuracyAccumulator, evaluate  # noqa: E402
+from pcedge.runtime.files import write_json  # noqa: E402
+from pcedge.runtime.evaluation.dataset import Category, load_category  # noqa: E402
 from pcedge.runtime.detector import Detector  # noqa: E402
 
 CATEGORIES = {

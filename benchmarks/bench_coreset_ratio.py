@@ -46,7 +46,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from pcedge.runtime.cli_bench import write_text_atomic  # noqa: E402
+from pcedge.runtime.files import write_text_atomic  # noqa: E402
 
 RATIOS = (0.01, 0.02, 0.05, 0.1, 0.25)
 
@@ -156,8 +156,8 @@ def time_index(detector, embeddings: list[np.ndarray], repeats: int) -> tuple[Pe
 def run_dataset(spec: DatasetSpec, ratios: tuple[float, ...], args) -> DatasetResult:
     from pcedge.runtime.backends import open_backend
     from pcedge.runtime.bundle import open_bundle
-    from pcedge.runtime.cli_eval import AccuracyAccumulator, SeenRegions
-    from pcedge.runtime.dataset import load_category
+    from pcedge.runtime.evaluation.accuracy import AccuracyAccumulator, SeenRegions
+    from pcedge.runtime.evaluation.dataset import load_category
     from pcedge.runtime.detector import Detector, DetectorOptions
     from pcedge.runtime.preprocess import fit_geometry, read_image, to_tensor
 
@@ -244,7 +244,7 @@ def run_dataset(spec: DatasetSpec, ratios: tuple[float, ...], args) -> DatasetRe
 def paired_bootstrap_delta(labels: np.ndarray, scores: np.ndarray, reference: np.ndarray, resamples: int = 2000,
                            seed: int = 0) -> tuple[float, list[float]]:
     """``auroc(scores) - auroc(reference)`` on the same images, and its 95% interval over stratified resamples."""
-    from pcedge.runtime.metrics import auroc
+    from pcedge.runtime.evaluation.metrics import auroc
 
     delta = auroc(labels, scores) - auroc(labels, reference)
     rng = np.random.default_rng(seed)

@@ -42,7 +42,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from pcedge.runtime.cli_bench import (  # noqa: E402
+from pcedge.runtime.evaluation.latency import (  # noqa: E402
     BackboneWork,
     BenchConfig,
     BenchReport,
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     from pcedge.runtime.backends import default_threads
     from pcedge.runtime.bundle import open_bundle
     from pcedge.runtime.detector import Detector, DetectorOptions
-    from pcedge.runtime.flops import measure_peak
+    from pcedge.runtime.evaluation.flops import measure_peak
 
     args = parse_args(argv)
     all_variants = make_variants()

@@ -82,7 +82,7 @@ def test_images(data: Path) -> tuple[list[Path], np.ndarray]:
 
 def main(argv: list[str] | None = None) -> int:
     from pcedge.runtime.detector import Detector
-    from pcedge.runtime.metrics import auroc
+    from pcedge.runtime.evaluation.metrics import auroc
     from pcedge.runtime.preprocess import read_image
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -6,7 +6,7 @@ loop, so both loops see the same frames decoded the same way. Both loops use the
 
 - sequential: ``frame = source.read(); detector(frame.image)`` -- decode, preprocess, backbone, index and
   scoring one after the other, nothing overlapped;
-- pipeline: :class:`pcedge.runtime.pipeline.WatchPipeline` (capture, backbone and scoring threads with
+- pipeline: :class:`pcedge.runtime.watch.pipeline.WatchPipeline` (capture, backbone and scoring threads with
   bounded queues; every frame processed, headless, no outputs), for the same wall time.
 
 The two are measured in alternating rounds (``--rounds``) after a warm-up, because other processes share
@@ -36,9 +36,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pcedge.runtime.camera import open_source
+from pcedge.runtime.watch.sources import open_source
 from pcedge.runtime.detector import Detector
-from pcedge.runtime.pipeline import WatchOptions, WatchPipeline, WatchSummary
+from pcedge.runtime.watch.pipeline import WatchOptions, WatchPipeline
+from pcedge.runtime.watch.summary import WatchSummary
 from pcedge.runtime.preprocess import list_images
 
 ROOT = Path(__file__).resolve().parents[1]

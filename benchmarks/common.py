@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pcedge.runtime.cli_bench import MachineInfo, Percentiles, machine_info, to_jsonable, write_json
+from pcedge.runtime.evaluation.latency import Percentiles
+from pcedge.runtime.evaluation.machine import MachineInfo, machine_info
+from pcedge.runtime.files import to_jsonable, write_json
 from pcedge.runtime.preprocess import list_images
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -178,8 +178,8 @@ class ReferencePatchCore:
 
 def main(argv: list[str] | None = None) -> int:
     """Fit on ``DATA/train/good``, score ``DATA/test``, print image and pixel AUROC and AUPRO."""
-    from pcedge.runtime.cli_eval import AccuracyAccumulator
-    from pcedge.runtime.dataset import load_category
+    from pcedge.runtime.evaluation.accuracy import AccuracyAccumulator
+    from pcedge.runtime.evaluation.dataset import load_category
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="MVTec-layout category folder")

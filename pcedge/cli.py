@@ -16,16 +16,16 @@ from . import __version__
 
 #: (command, module). Order is the order of a user's workflow.
 COMMANDS: list[tuple[str, str]] = [
-    ("export", "pcedge.export.cli_export"),
-    ("info", "pcedge.runtime.cli_info"),
-    ("predict", "pcedge.runtime.cli_predict"),
-    ("verify", "pcedge.runtime.cli_verify"),
-    ("eval", "pcedge.runtime.cli_eval"),
-    ("bench", "pcedge.runtime.cli_bench"),
-    ("build-engine", "pcedge.runtime.cli_build_engine"),
-    ("pack", "pcedge.runtime.cli_pack"),
-    ("unpack", "pcedge.runtime.cli_unpack"),
-    ("watch", "pcedge.runtime.cli_watch"),
+    ("export", "pcedge.commands.export"),
+    ("info", "pcedge.commands.info"),
+    ("predict", "pcedge.commands.predict"),
+    ("verify", "pcedge.commands.verify"),
+    ("eval", "pcedge.commands.eval"),
+    ("bench", "pcedge.commands.bench"),
+    ("build-engine", "pcedge.commands.build_engine"),
+    ("pack", "pcedge.commands.pack"),
+    ("unpack", "pcedge.commands.unpack"),
+    ("watch", "pcedge.commands.watch"),
 ]
 
 

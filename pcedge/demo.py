@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=REPO / "fixtures" / "ball_screw_drive")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "demo")
     args = parser.parse_args(argv)
-    from pcedge.runtime.metrics import auroc
+    from pcedge.runtime.evaluation.metrics import auroc
 
     bundle = args.out / f"{args.data.name}.pcedge"
     steps = [

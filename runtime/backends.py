@@ -1,6 +1,6 @@
 """Inference backends: images ``[B, 3, H, W]`` float32 -> patch embeddings ``[B, h*w, D]`` float32.
 
-Implementations, best first: native TensorRT (an engine built on this device, ``runtime/trt.py``), ONNX
+Implementations, best first: native TensorRT (an engine built on this device, ``runtime/tensorrt/``), ONNX
 Runtime with the TensorRT execution provider, ONNX Runtime CUDA, ONNX Runtime CPU. ``auto`` picks the best
 one that can really run here and says which and why; an explicitly requested backend that cannot run is a
 :class:`BackendUnavailable` error that says why, never a silent fallback.
@@ -111,7 +111,8 @@ class BackendChoice:
 
 
 def _open_tensorrt(bundle: Bundle, precision: str | None) -> "Backend":
-    from .engines import probe_device, select_engine  # lazy: imports nothing heavy until called
+    from .tensorrt.device import probe_device  # lazy: imports nothing heavy until called
+    from .tensorrt.engines import select_engine
     from .errors import TensorRTUnavailable
 
     device = probe_device()
@@ -121,7 +122,7 @@ def _open_tensorrt(bundle: Bundle, precision: str | None) -> "Backend":
             f"no TensorRT engine in {bundle.root} for this device ({device.name}, {device.sm}, "
             f"TensorRT {device.trt_version}); run `pcedge build-engine {bundle.root}` on this device"
         )
-    from .trt import TensorRTBackend
+    from .tensorrt.backend import TensorRTBackend
 
     return TensorRTBackend(
         bundle.root / spec.file,
@@ -143,7 +144,7 @@ def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precisio
         return _open_tensorrt(bundle, precision)
     if kind == "ort-trt":
         from .bundle import ORT_TRT_CACHE_DIR
-        from .engines import ort_trt_provider_options
+        from .tensorrt.ort_provider import ort_trt_provider_options
 
         (bundle.root / ORT_TRT_CACHE_DIR).mkdir(parents=True, exist_ok=True)
         return OrtBackend(model, kind, threads, ort_trt_provider_options(bundle.root, fp16=precision != "fp32"))

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import write_text_atomic
+
 FORMAT = "pcedge-bundle"
 #: Readers accept manifests up to this version and refuse newer ones.
 SCHEMA_VERSION = 1
@@ -343,7 +345,7 @@ class Bundle:
     def update_manifest(self, manifest: Manifest) -> None:
         """Rewrite the manifest atomically (temp file + rename), recomputing every file's checksum."""
         manifest.files = {rel: file_entry(self.root, rel) for rel in _listed_files(self.root)}
-        _atomic_write_text(self.root / MANIFEST, manifest.to_json())
+        write_text_atomic(self.root / MANIFEST, manifest.to_json())
         self.manifest = manifest
 
 
@@ -403,15 +405,6 @@ def open_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
 # --------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 class BundleWriter:
     """Writes a bundle into a hidden temporary directory beside ``target``; :meth:`commit` renames it in.
 
@@ -440,7 +433,7 @@ class BundleWriter:
     def commit(self, manifest: Manifest) -> Path:
         manifest.files = {rel: file_entry(self.tmp, rel) for rel in _listed_files(self.tmp)}
         manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        _atomic_write_text(self.tmp / MANIFEST, manifest.to_json())
+        write_text_atomic(self.tmp / MANIFEST, manifest.to_json())
         old = None
         if self.target.exists():
             # Move the old bundle aside first so that the target name is never empty-handed mid-way.

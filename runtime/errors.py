@@ -7,3 +7,7 @@ class BackendUnavailable(RuntimeError):
 
 class TensorRTUnavailable(BackendUnavailable):
     """TensorRT, cuda-python or a CUDA GPU is missing, or no engine matches this device."""
+
+
+class WatchError(RuntimeError):
+    """A watch configuration that cannot work (e.g. ``--show`` without a GUI); the message says why."""

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from test_engines import write_tiny_bundle
 
-from pcedge.runtime import cli_pack, cli_unpack, engines
+from pcedge.commands import pack as cli_pack
+from pcedge.commands import unpack as cli_unpack
+from pcedge.runtime.tensorrt import engines
 from pcedge.runtime.archive import ArchiveError, pack, unpack
 from pcedge.runtime.bundle import BundleError, EngineSpec, open_bundle
 

@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pcedge.cli import main as pcedge_main
-from pcedge.runtime.cli_bench import backbone_work
-from pcedge.runtime.flops import FlopsUnavailable, count_graph
+from pcedge.runtime.evaluation.latency import backbone_work
+from pcedge.runtime.evaluation.flops import FlopsUnavailable, count_graph
 
 from conftest import BSD
 

@@ -1,4 +1,4 @@
-"""pcedge.runtime.dataset on the real fixture categories and on broken copies of them."""
+"""pcedge.runtime.evaluation.dataset on the real fixture categories and on broken copies of them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pcedge.runtime.dataset import DatasetError, load_category, read_mask
+from pcedge.runtime.evaluation.dataset import DatasetError, load_category, read_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 BSD = ROOT / "fixtures" / "ball_screw_drive"

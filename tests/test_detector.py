@@ -78,7 +78,7 @@ def test_pitting_is_localised_inside_its_mask(detector):
     """
     import cv2
 
-    from pcedge.runtime.metrics import pixel_auroc
+    from pcedge.runtime.evaluation.metrics import pixel_auroc
 
     masks, maps = [], []
     for path in sorted((BSD / "test" / "pitting").iterdir()):

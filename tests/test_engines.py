@@ -13,7 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from pcedge.runtime import cli_build_engine, engines, trt
+from pcedge.commands import build_engine as cli_build_engine
+from pcedge.runtime.tensorrt import backend, build, device, engines, ort_provider
 from pcedge.runtime.bundle import (
     BundleError, BundleWriter, EngineSpec, InputSpec, Manifest, MemoryBankSpec, OutputSpec, open_bundle, sha256_file,
 )
@@ -145,7 +146,7 @@ def test_record_engine_refuses_a_missing_plan(tiny_bundle):
 
 
 def test_ort_trt_provider_options_cache_in_bundle_and_profile_from_manifest(tiny_bundle):
-    options = engines.ort_trt_provider_options(tiny_bundle, fp16=True, max_batch=4)
+    options = ort_provider.ort_trt_provider_options(tiny_bundle, fp16=True, max_batch=4)
     cache = str(tiny_bundle / "engines" / "ort-trt")
     assert options["trt_fp16_enable"] is True
     assert options["trt_engine_cache_enable"] is True and options["trt_engine_cache_path"] == cache
@@ -154,16 +155,16 @@ def test_ort_trt_provider_options_cache_in_bundle_and_profile_from_manifest(tiny
     assert options["trt_profile_min_shapes"] == "images:1x3x16x16"
     assert options["trt_profile_opt_shapes"] == "images:1x3x16x16"
     assert options["trt_profile_max_shapes"] == "images:4x3x16x16"
-    assert engines.ort_trt_provider_options(tiny_bundle, fp16=False)["trt_fp16_enable"] is False
+    assert ort_provider.ort_trt_provider_options(tiny_bundle, fp16=False)["trt_fp16_enable"] is False
     with pytest.raises(ValueError):
-        engines.ort_trt_provider_options(tiny_bundle, fp16=True, min_batch=4, max_batch=2)
+        ort_provider.ort_trt_provider_options(tiny_bundle, fp16=True, min_batch=4, max_batch=2)
 
 
 # ---------------------------------------------------------------------------------------------- without TensorRT
 
 
 def test_runtime_modules_import_without_touching_tensorrt_or_cuda():
-    code = ("import sys, pcedge.runtime.trt, pcedge.runtime.engines, pcedge.runtime.cli_build_engine; "
+    code = ("import sys, pcedge.runtime.tensorrt.backend, pcedge.runtime.tensorrt.build, pcedge.runtime.tensorrt.device, pcedge.runtime.tensorrt.engines, pcedge.commands.build_engine; "
             "print(sorted(m for m in sys.modules if m == 'tensorrt' or m.startswith('cuda')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -171,7 +172,7 @@ def test_runtime_modules_import_without_touching_tensorrt_or_cuda():
 
 def test_probe_device_without_tensorrt_says_why_and_reports_cuda_state(without_tensorrt):
     with pytest.raises(TensorRTUnavailable) as caught:
-        engines.probe_device()
+        device.probe_device()
     message = str(caught.value)
     assert "tensorrt is not importable" in message and "python3-libnvinfer" in message
     # The CUDA side is reported too, whatever it is on this machine: missing bindings, no GPU, or the GPU found.
@@ -181,23 +182,23 @@ def test_probe_device_without_tensorrt_says_why_and_reports_cuda_state(without_t
 
 def test_probe_device_without_cuda_python_names_it(without_tensorrt, without_cuda_python):
     with pytest.raises(TensorRTUnavailable, match="cuda-python is not importable.*pip install cuda-python"):
-        engines.probe_device()
+        device.probe_device()
 
 
 def test_tensorrt_backend_without_tensorrt_raises_unavailable(without_tensorrt, tmp_path):
     with pytest.raises(TensorRTUnavailable, match="tensorrt is not importable"):
-        trt.TensorRTBackend(tmp_path / "sm87-trt10.3-fp16.engine")
+        backend.TensorRTBackend(tmp_path / "sm87-trt10.3-fp16.engine")
 
 
 def test_build_engine_checks_arguments_then_needs_tensorrt(without_tensorrt, tiny_bundle, tmp_path):
     args = dict(onnx_path=tiny_bundle / "model.onnx", plan_path=tmp_path / "x.engine", min_batch=1, opt_batch=1,
                 max_batch=8, workspace_mb=256, timing_cache=None, input_name="images", input_chw=(3, 16, 16))
     with pytest.raises(ValueError, match="precision"):
-        trt.build_engine(precision="int8", **args)
+        build.build_engine(precision="int8", **args)
     with pytest.raises(ValueError, match="min_batch <= opt_batch <= max_batch"):
-        trt.build_engine(precision="fp16", **{**args, "opt_batch": 9})
+        build.build_engine(precision="fp16", **{**args, "opt_batch": 9})
     with pytest.raises(TensorRTUnavailable):
-        trt.build_engine(precision="fp16", **args)
+        build.build_engine(precision="fp16", **args)
     assert not (tmp_path / "x.engine").exists()
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from pcedge.cli import main
 from pcedge.runtime.bundle import Geometry
-from pcedge.runtime.cli_eval import AccuracyAccumulator, coverage_warning, downscale_map, downscale_mask, eval_size
-from pcedge.runtime.dataset import TestItem, load_category
+from pcedge.runtime.evaluation.accuracy import AccuracyAccumulator, coverage_warning, downscale_map, downscale_mask, eval_size
+from pcedge.runtime.evaluation.dataset import TestItem, load_category
 
 ROOT = Path(__file__).resolve().parents[1]
 BSD = ROOT / "fixtures" / "ball_screw_drive"

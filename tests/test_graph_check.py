@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pcedge.runtime.graph_check import MAX_OPSET, check_tensorrt_compat
+from pcedge.runtime.tensorrt.graph_check import MAX_OPSET, check_tensorrt_compat
 
 BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
 

@@ -1,4 +1,4 @@
-"""pcedge.runtime.metrics against hand-computed cases, scikit-learn, and MVTec AD's PRO code (ported below)."""
+"""pcedge.runtime.evaluation.metrics against hand-computed cases, scikit-learn, and MVTec AD's PRO code (ported below)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from scipy.ndimage import label as scipy_label
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from pcedge.runtime.metrics import (
+from pcedge.runtime.evaluation.metrics import (
     MetricError,
     aupro,
     auroc,

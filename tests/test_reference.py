@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pcedge.runtime.cli_eval import AccuracyAccumulator
-from pcedge.runtime.dataset import load_category
+from pcedge.runtime.evaluation.accuracy import AccuracyAccumulator
+from pcedge.runtime.evaluation.dataset import load_category
 from pcedge.runtime.detector import Detector
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from pcedge.cli import main as pcedge_main
-from pcedge.runtime.camera import CaptureSource, FolderSource, ReconnectPolicy, SourceError, open_source
+from pcedge.runtime.watch.sources import CaptureSource, FolderSource, ReconnectPolicy, SourceError, open_source
 from pcedge.runtime.detector import Detector
-from pcedge.runtime.pipeline import AFTER_ERROR, END, Channel, LatencyReservoir, LatencyMs, WatchOptions, WatchPipeline, WatchSummary
+from pcedge.runtime.watch.channel import END, Channel
+from pcedge.runtime.watch.pipeline import AFTER_ERROR, WatchOptions, WatchPipeline
+from pcedge.runtime.watch.summary import LatencyMs, LatencyReservoir, WatchSummary
 
 BSD_TEST = Path(__file__).resolve().parents[1] / "fixtures" / "ball_screw_drive" / "test"
 VIDEO_FPS = 5.0

@@ -1,4 +1,4 @@
-"""``pcedge bench``: latency per stage and throughput on this machine, beside each stage's floor.
+"""Latency per stage and throughput on this machine, beside each stage's floor (`pcedge bench`).
 
 For every available backend and index kind, and each batch size: warm up, then time ``repeats`` calls of
 :meth:`Detector.run_frames` on frames decoded once up front (decoding is never timed). Each call reports
@@ -7,9 +7,9 @@ p50/p95/p99, the end-to-end time per call, and images per second.
 
 Beside each stage, its floor: the work it must do per image and the fraction of this machine's measured
 peak that the measured time achieves -- backbone FLOPs and bytes from the ONNX graph
-(:mod:`pcedge.runtime.flops`, needs the ``onnx`` package), distance computations of the exact index,
+(:mod:`pcedge.runtime.evaluation.flops`, needs the ``onnx`` package), distance computations of the exact index,
 bytes in and out of preprocessing. Peak rates are measured here, at the backend's thread count, by a large
-float32 numpy matrix product and a large numpy copy (:func:`~pcedge.runtime.flops.measure_peak`).
+float32 numpy matrix product and a large numpy copy (:func:`~pcedge.runtime.evaluation.flops.measure_peak`).
 
 Images: ``--images`` (files, folders, globs; decoded once). Without it, the bundle's own check images
 (``check/images.npy``, already network-sized) are turned back into uint8 BGR frames of the input size:
@@ -18,12 +18,7 @@ preprocessing then does no real resize, and the report says so.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import os
-import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,12 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .versions import package_versions
-from .backends import BACKENDS
-from .bundle import BundleError
-from .errors import BackendUnavailable
-
-HELP = "latency per stage (p50/p95/p99) and throughput per backend, index and batch size, beside each stage's floor"
+from ..backends import BACKENDS
+from ..bundle import BundleError
+from ..errors import BackendUnavailable
+from .machine import MachineInfo, machine_info
 
 STAGES = ("preprocess", "backbone", "index", "scoring")
 #: Every concrete backend, best first (what ``--backend all`` tries).
@@ -118,23 +111,10 @@ class Skipped:
     reason: str
 
 
-@dataclass
-class MachineInfo:
-    cpu_model: str
-    simd: list[str]  # vector extensions that set the peak (avx2, fma, avx512f, ...; asimd on ARM)
-    logical_cpus: int
-    usable_cpus: int  # this process's affinity (a container's share)
-    platform: str
-    python: str
-    versions: dict[str, str]
-    blas: str
-    loadavg_start: list[float]  # os.getloadavg() before measuring: other work on the machine
-    loadavg_end: list[float] = field(default_factory=list)
-
 
 @dataclass
 class BackboneWork:
-    """The ONNX graph's work per image at batch 1 (see :mod:`pcedge.runtime.flops`)."""
+    """The ONNX graph's work per image at batch 1 (see :mod:`pcedge.runtime.evaluation.flops`)."""
 
     macs: float
     flops: float
@@ -190,72 +170,14 @@ class BenchConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Machine
-# --------------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux, else platform.processor())."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-#: The /proc/cpuinfo flags that matter for float32 throughput.
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd", "sve")
-
-
-def simd_flags() -> list[str]:
-    """Vector extensions of this CPU (Linux /proc/cpuinfo ``flags`` or ``Features``), in :data:`SIMD_FLAGS` order."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith(("flags", "features")):
-                    present = set(line.split(":", 1)[1].split())
-                    return [f for f in SIMD_FLAGS if f in present]
-    except OSError:
-        pass
-    return []
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def blas_description() -> str:
-    try:
-        config = np.show_config(mode="dicts")
-        blas = config["Build Dependencies"]["blas"]
-        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-    except Exception:  # older numpy without mode="dicts"
-        return "unknown"
-
-
-def machine_info() -> MachineInfo:
-    return MachineInfo(
-        cpu_model=cpu_model(), simd=simd_flags(), logical_cpus=os.cpu_count() or 1, usable_cpus=usable_cpus(),
-        platform=platform.platform(), python=platform.python_version(), versions=package_versions(),
-        blas=blas_description(), loadavg_start=list(os.getloadavg()),
-    )
-
-
-# --------------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------------
 
 
 def frames_from_files(items: list[str], limit: int) -> tuple[list[np.ndarray], ImagesInfo]:
     """Decode up to ``limit`` images once (files, folders, globs); decoding is not part of any timing."""
-    from .cli_common import expand_inputs
-    from .preprocess import read_image
+    from ..inputs import expand_inputs
+    from ..preprocess import read_image
 
     paths = expand_inputs(items)[:limit]
     frames = [read_image(p) for p in paths]
@@ -422,9 +344,9 @@ def run_one(report: BenchReport, detector, requested_index: str, frames: list[np
 
 def run_bench(config: BenchConfig, log=print) -> BenchReport:
     """Measure every backend x index x batch of ``config``; ``log`` gets one line per step."""
-    from .backends import default_threads, open_backend
-    from .bundle import open_bundle
-    from .detector import Detector, DetectorOptions
+    from ..backends import default_threads, open_backend
+    from ..bundle import open_bundle
+    from ..detector import Detector, DetectorOptions
     from .flops import measure_peak
 
     if not config.batches or min(config.batches) < 1:
@@ -480,41 +402,9 @@ def run_bench(config: BenchConfig, log=print) -> BenchReport:
 
 
 # --------------------------------------------------------------------------------------------------
-# Output
+# Markdown
 # --------------------------------------------------------------------------------------------------
 
-
-def to_jsonable(value):
-    """Dataclasses -> dicts; NaN/inf -> None (JSON has no NaN)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.floating, float)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary name and a rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, value) -> None:
-    write_text_atomic(path, json.dumps(to_jsonable(value), indent=2) + "\n")
 
 
 def _fmt(x: float | None, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
@@ -592,90 +482,3 @@ def markdown(report: BenchReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --------------------------------------------------------------------------------------------------
-# Command
-# --------------------------------------------------------------------------------------------------
-
-
-def _choices(text: str, allowed: tuple[str, ...], everything: tuple[str, ...], what: str) -> tuple[str, ...]:
-    items = tuple(t.strip() for t in text.split(",") if t.strip())
-    if items == ("all",):
-        return everything
-    bad = [t for t in items if t not in allowed]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"{what} {text!r}: choose all or a comma list of {', '.join(allowed)}")
-    return items
-
-
-def parse_backends(text: str) -> tuple[str, ...]:
-    return _choices(text, BACKENDS, ALL_BACKENDS, "--backend")
-
-
-def parse_indexes(text: str) -> tuple[str, ...]:
-    return _choices(text, ("exact", "hnsw", "auto"), ALL_INDEXES, "--index")
-
-
-def parse_batches(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch {text!r}: expected a comma list of integers, e.g. 1,4,8") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"--batch {text!r}: batch sizes must be at least 1")
-    return values
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
-    parser.add_argument("--images", nargs="+", default=None, metavar="DIR|FILE",
-                        help="images to time (files, folders, globs; decoded once, decode not timed). "
-                             "Default: the bundle's check images (network-sized)")
-    parser.add_argument("--backend", type=parse_backends, default=ALL_BACKENDS,
-                        help=f"all (default) or a comma list of {', '.join(BACKENDS)}; unavailable ones are skipped "
-                             "with the reason")
-    parser.add_argument("--index", type=parse_indexes, default=ALL_INDEXES,
-                        help="all (exact,hnsw; default) or a comma list of exact, hnsw, auto")
-    parser.add_argument("--batch", type=parse_batches, default=(1, 4, 8), help="batch sizes (default 1,4,8)")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per backend x index x batch (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed calls before timing (default 5)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
-    parser.add_argument("--ef", type=int, default=None, help="HNSW query ef (default: the bundle's)")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default=None, help="TensorRT engine precision")
-    parser.add_argument("--no-peak", action="store_true", help="skip measuring this machine's peak FLOP/s and bandwidth")
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the report as JSON")
-    parser.add_argument("--md", type=Path, default=None, metavar="FILE", help="write the tables as Markdown")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.repeats < 1 or args.warmup < 0:
-        print("pcedge bench: --repeats must be at least 1 and --warmup at least 0", file=sys.stderr)
-        return 2
-    config = BenchConfig(
-        bundle=Path(args.bundle), images=args.images, backends=tuple(args.backend), indexes=tuple(args.index),
-        batches=tuple(args.batch), repeats=args.repeats, warmup=args.warmup, threads=args.threads, ef=args.ef,
-        precision=args.precision, measure_peak=not args.no_peak,
-    )
-    try:
-        report = run_bench(config)
-    except (BundleError, FileNotFoundError, ValueError) as exc:
-        print(f"pcedge bench: {exc}", file=sys.stderr)
-        return 2
-    if not report.runs:
-        print("pcedge bench: no backend could run: " + "; ".join(f"{s.backend}: {s.reason}" for s in report.skipped),
-              file=sys.stderr)
-        return 2
-    text = markdown(report)
-    print()
-    print(text)
-    if args.json:
-        write_json(args.json, report)
-        print(f"wrote {args.json}")
-    if args.md:
-        write_text_atomic(args.md, text)
-        print(f"wrote {args.md}")
-    if any(s.backend == "tensorrt" for s in report.skipped):
-        print(f"next: on a device with TensorRT, pcedge build-engine {args.bundle} && pcedge bench {args.bundle} "
-              f"--backend tensorrt   |   pcedge watch {args.bundle} SOURCE")
-    else:
-        print(f"next: pcedge watch {args.bundle} SOURCE")
-    return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .bundle import BundleError, open_bundle
+from pcedge.runtime.bundle import BundleError, open_bundle
 
 HELP = "show what a bundle holds (model, memory bank, index, threshold, engines, files)"
 

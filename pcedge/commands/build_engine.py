@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from .bundle import BundleError, EngineSpec, open_bundle
-from .errors import TensorRTUnavailable
+from pcedge.runtime.bundle import BundleError, EngineSpec, open_bundle
+from pcedge.runtime.errors import TensorRTUnavailable
 
 HELP = "build a TensorRT engine for this GPU from the bundle's ONNX graph and record it in the manifest"
 
@@ -36,8 +36,9 @@ def _input_chw(shape: list, where: str) -> tuple[int, int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import trt as trt_backend
-    from .engines import engine_filename, probe_device, record_engine
+    from pcedge.runtime.tensorrt.build import TensorRTBuildError, build_engine
+    from pcedge.runtime.tensorrt.device import probe_device
+    from pcedge.runtime.tensorrt.engines import engine_filename, record_engine
 
     try:
         bundle = open_bundle(args.bundle)
@@ -63,12 +64,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"building    {rel} from {bundle.model_path.name} on {device.name} ({device.sm}), TensorRT {device.trt_version}, "
           f"batch {args.min_batch}/{args.opt_batch}/{args.max_batch}; this takes minutes on a Jetson")
     try:
-        report = trt_backend.build_engine(
+        report = build_engine(
             bundle.model_path, bundle.root / rel, precision,
             args.min_batch, args.opt_batch, args.max_batch, args.workspace, args.timing_cache,
             input_name=bundle.manifest.input.name, input_chw=input_chw,
         )
-    except (ValueError, trt_backend.TensorRTBuildError) as exc:
+    except (ValueError, TensorRTBuildError) as exc:
         print(f"pcedge build-engine: {exc}", file=sys.stderr)
         return 1
     spec = EngineSpec(

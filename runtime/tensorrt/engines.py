@@ -4,8 +4,8 @@ A TensorRT plan only runs on the GPU architecture (compute capability) and the T
 built with, so a bundle may hold several, named ``engines/<sm>-trt<major.minor>-<precision>.engine``
 (e.g. ``engines/sm87-trt10.3-fp16.engine``) and listed in ``manifest.engines``.
 
-This module is pure Python: the TensorRT and CUDA calls live in :mod:`pcedge.runtime.trt`, imported only
-inside :func:`probe_device`.
+This module is pure Python (no TensorRT, no CUDA): :func:`~pcedge.runtime.tensorrt.device.probe_device`
+describes the device; the builder and the backend use the names chosen here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import ENGINES_DIR, ORT_TRT_CACHE_DIR, Bundle, BundleError, EngineSpec, Manifest, read_manifest
+from ..bundle import ENGINES_DIR, Bundle, BundleError, EngineSpec, Manifest
 
 #: Engine precisions pcedge builds. INT8 is left out on purpose: it needs a calibration set on the device.
 PRECISIONS = ("fp32", "fp16")
@@ -58,18 +58,6 @@ class DeviceInfo:
     fast_fp16: bool  # builder.platform_has_fast_fp16
 
 
-def probe_device() -> DeviceInfo:
-    """Describe CUDA device 0 and the installed TensorRT.
-
-    Raises :class:`~pcedge.runtime.errors.TensorRTUnavailable` naming every missing piece (tensorrt not
-    importable, cuda-python not importable, no CUDA GPU).
-    """
-    from . import trt as trt_backend  # lazy: trt.py itself imports tensorrt only inside its functions
-
-    probe = trt_backend.probe()
-    return DeviceInfo(sm=probe.sm, name=probe.device_name, trt_version=probe.trt_version, fast_fp16=probe.fast_fp16)
-
-
 def select_engine(manifest: Manifest, device: DeviceInfo, precision: str | None = None) -> EngineSpec | None:
     """The engine in ``manifest`` that runs on ``device``, or None.
 
@@ -108,47 +96,3 @@ def record_engine(bundle: Bundle, spec: EngineSpec) -> None:
     manifest = copy.deepcopy(bundle.manifest)
     manifest.engines = [entry for entry in manifest.engines if entry.file != spec.file] + [spec]
     bundle.update_manifest(manifest)
-
-
-def ort_trt_provider_options(
-    bundle_root: str | os.PathLike[str],
-    fp16: bool,
-    *,
-    min_batch: int = 1,
-    opt_batch: int = 1,
-    max_batch: int = 8,
-    workspace_mb: int = 1024,
-    device_id: int = 0,
-) -> dict[str, object]:
-    """Options for ONNX Runtime's ``TensorrtExecutionProvider`` on this bundle's model.
-
-    Option names are those of onnxruntime's TensorRT EP (``tensorrt_execution_provider_info.cc``,
-    documented at onnxruntime.ai, "TensorRT Execution Provider"). Engines and the timing cache go to
-    ``<bundle>/engines/ort-trt`` (the caller creates that directory) so that the minutes-long build happens
-    once per device. When the manifest's input shape is static apart from the batch, an explicit
-    optimisation profile ``min..max`` batch is given; otherwise the EP would rebuild its engine whenever a new
-    batch size arrives.
-    """
-    if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
-    root = Path(bundle_root)
-    cache = str(root / ORT_TRT_CACHE_DIR)
-    options: dict[str, object] = {
-        "device_id": device_id,
-        "trt_fp16_enable": bool(fp16),
-        "trt_max_workspace_size": int(workspace_mb) << 20,
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": cache,
-        "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": cache,
-    }
-    manifest = read_manifest(root)
-    chw = manifest.input.shape[1:]
-    if len(chw) == 3 and all(isinstance(d, int) and d > 0 for d in chw):
-        name = manifest.input.name
-        dims = "x".join(str(d) for d in chw)
-        # Format "name:BxCxHxW" (comma-separated for several inputs), as the EP documents.
-        options["trt_profile_min_shapes"] = f"{name}:{min_batch}x{dims}"
-        options["trt_profile_opt_shapes"] = f"{name}:{opt_batch}x{dims}"
-        options["trt_profile_max_shapes"] = f"{name}:{max_batch}x{dims}"
-    return options

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .archive import archive_digest, pack
-from .bundle import BundleError
+from pcedge.runtime.archive import archive_digest, pack
+from pcedge.runtime.bundle import BundleError
 
 HELP = "pack a bundle into one verified .tar.gz for copying to a device"
 

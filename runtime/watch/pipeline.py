@@ -21,42 +21,32 @@ and returns a :class:`WatchSummary`. A second Ctrl-C abandons the frames in flig
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import json
 import logging
-import math
-import os
-import random
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import cv2
 import numpy as np
 
-from .camera import Frame, FrameSource, SourceEvent
-from .detector import Detector, Result
-from .overlay import render_overlay, write_image
-from .preprocess import Placement, fit_geometry, to_tensor
+from ..detector import Detector, Result
+from ..errors import WatchError
+from ..overlay import render_overlay
+from ..preprocess import Placement, fit_geometry, to_tensor
+from .channel import EMPTY, END, Channel
+from .outputs import AnomalySaver, EventLog, VideoSink, Window
+from .sources import Frame, FrameSource, SourceEvent
+from .summary import LatencyMs, LatencyReservoir, WatchSummary
 
 log = logging.getLogger("pcedge.watch")
 
-#: Video containers the writer knows, with the codec each gets (both ship with OpenCV's FFmpeg).
-VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".avi": "MJPG", ".mkv": "mp4v"}
 #: Drop reasons in the event log (besides "stale: ..." for live frames and "error in STAGE: ..." for the frame
 #: that failed).
 ABANDONED = "abandoned: a second Ctrl-C stopped the run before this frame was done"
 AFTER_ERROR = "not processed: the run stopped on an error"
-#: Frames per second written to a video when the source does not say.
-DEFAULT_VIDEO_FPS = 10.0
-
-
-class WatchError(RuntimeError):
-    """A watch configuration that cannot work (e.g. ``--show`` without a GUI); the message says why."""
 
 
 @dataclass
@@ -74,329 +64,6 @@ class WatchOptions:
     latency_reservoir: int = 4096  # latency samples kept for the quantiles (fixed memory)
     handle_signals: bool = True  # SIGINT/SIGTERM stop gracefully (only when run from the main thread)
     seed: int = 0  # the reservoir's sampling
-
-
-# ------------------------------------------------------------------------------------------------- queues
-
-END = object()  # Channel.get(): the channel is closed and empty
-EMPTY = object()  # Channel.get(timeout): nothing arrived in time
-
-
-class Channel:
-    """A bounded hand-off between two stages.
-
-    :meth:`put` waits for room (every frame kept); :meth:`put_newest` never waits and returns the items it
-    pushed out to make room (newest wins); :meth:`close` ends the stream (``get`` returns ``END`` once
-    empty); :meth:`cancel` releases blocked puts, which then return False.
-    """
-
-    def __init__(self, capacity: int):
-        if capacity < 1:
-            raise ValueError(f"channel capacity must be at least 1, got {capacity}")
-        self.capacity = capacity
-        self._items: collections.deque = collections.deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._cancelled = False
-
-    def put(self, item: Any) -> bool:
-        with self._cond:
-            self._cond.wait_for(lambda: len(self._items) < self.capacity or self._cancelled)
-            if self._cancelled:
-                return False
-            self._items.append(item)
-            self._cond.notify_all()
-            return True
-
-    def put_newest(self, item: Any) -> list:
-        with self._cond:
-            displaced = []
-            while len(self._items) >= self.capacity:
-                displaced.append(self._items.popleft())
-            self._items.append(item)
-            self._cond.notify_all()
-            return displaced
-
-    def get(self, timeout: float | None = None) -> Any:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._items or self._closed, timeout):
-                return EMPTY
-            if self._items:
-                item = self._items.popleft()
-                self._cond.notify_all()
-                return item
-            return END
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def drain(self) -> list:
-        """Take everything still waiting (after the stages have stopped)."""
-        with self._cond:
-            items = list(self._items)
-            self._items.clear()
-            self._cond.notify_all()
-            return items
-
-    def cancel(self) -> None:
-        with self._cond:
-            self._cancelled = True
-            self._cond.notify_all()
-
-
-# ------------------------------------------------------------------------------------------------- latency
-
-
-@dataclass
-class LatencyMs:
-    """Milliseconds per stage of one frame (or one quantile over frames).
-
-    ``wait`` is time spent in queues (``total`` minus the working stages); ``total`` runs from the moment
-    the source delivered the frame to the moment its outputs were written.
-    """
-
-    wait: float = 0.0
-    preprocess: float = 0.0
-    backbone: float = 0.0
-    index: float = 0.0
-    scoring: float = 0.0
-    output: float = 0.0
-    total: float = 0.0
-
-    def rounded(self, digits: int = 3) -> "LatencyMs":
-        return LatencyMs(*(round(v, digits) for v in dataclasses.astuple(self)))
-
-
-_STAGES = [f.name for f in dataclasses.fields(LatencyMs)]
-
-
-class LatencyReservoir:
-    """A uniform sample of at most ``capacity`` frames' latencies (Vitter's Algorithm R).
-
-    Memory is one fixed ``[capacity, stages]`` array however long the run; quantiles come from the sample.
-    """
-
-    def __init__(self, capacity: int = 4096, seed: int = 0):
-        self.rows = np.zeros((capacity, len(_STAGES)), dtype=np.float64)
-        self.seen = 0
-        self._rng = random.Random(seed)  # its own generator: no shared global state
-
-    def add(self, latency: LatencyMs) -> None:
-        capacity = self.rows.shape[0]
-        if self.seen < capacity:
-            slot = self.seen
-        else:
-            slot = self._rng.randrange(self.seen + 1)  # keep with probability capacity / (seen + 1)
-        if slot < capacity:
-            self.rows[slot] = dataclasses.astuple(latency)
-        self.seen += 1
-
-    def quantile(self, q: float) -> LatencyMs:
-        n = min(self.seen, self.rows.shape[0])
-        if n == 0:
-            return LatencyMs(*([float("nan")] * len(_STAGES)))
-        return LatencyMs(*(float(v) for v in np.percentile(self.rows[:n], q, axis=0)))
-
-
-# ------------------------------------------------------------------------------------------------- summary
-
-
-@dataclass
-class WatchSummary:
-    """What a watch run did; ``processed + dropped + skipped == frames`` always."""
-
-    source: str
-    live: bool
-    frames: int  # delivered by the source (usable or not)
-    processed: int
-    dropped: int
-    skipped: int
-    anomalies: int
-    saved: int  # anomalous frames written to the save folder
-    reconnects: int
-    failed_reads: int
-    elapsed_s: float
-    fps: float  # processed frames per second of wall time
-    latency_p50: LatencyMs
-    latency_p95: LatencyMs
-    stopped_by: str  # "end of stream", "max frames", "duration", "SIGINT", "SIGTERM", "window", "error"
-    error: str | None = None
-    jsonl: str | None = None
-    video: str | None = None
-    save_dir: str | None = None
-
-    @property
-    def accounted(self) -> bool:
-        return self.processed + self.dropped + self.skipped == self.frames
-
-    def to_dict(self) -> dict:
-        """JSON-ready (no frames processed: latencies are None, not NaN, which JSON lacks)."""
-        out = dataclasses.asdict(self)
-        for key in ("latency_p50", "latency_p95"):
-            out[key] = {k: (None if math.isnan(v) else v) for k, v in dataclasses.asdict(getattr(self, key).rounded()).items()}
-        out["elapsed_s"], out["fps"] = round(self.elapsed_s, 3), round(self.fps, 3)
-        out["accounted"] = self.accounted
-        return out
-
-    def describe(self) -> str:
-        lines = [
-            f"frames {self.frames}: processed {self.processed}, dropped {self.dropped}, skipped {self.skipped}"
-            f" ({'all accounted for' if self.accounted else 'NOT ACCOUNTED FOR'})",
-            f"anomalies {self.anomalies} (saved {self.saved}); reconnects {self.reconnects}, failed reads {self.failed_reads}",
-            f"{self.fps:.2f} frames/s over {self.elapsed_s:.1f} s; latency p50 {self.latency_p50.total:.1f} ms,"
-            f" p95 {self.latency_p95.total:.1f} ms (backbone p50 {self.latency_p50.backbone:.1f} ms)",
-            f"stopped by {self.stopped_by}" + (f": {self.error}" if self.error else ""),
-        ]
-        return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------- outputs
-
-
-class EventLog:
-    """The JSONL log, written by several stages (a lock keeps lines whole).
-
-    It is written in place, not to a temporary name: it is an append-only log that must be readable
-    (``tail -f``) while a camera runs for days, and every line is a complete record on its own.
-    """
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self._lock = threading.Lock()
-        self._handle = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(path, "w", encoding="utf-8")
-
-    def write(self, record: dict, flush: bool = False) -> None:
-        if self._handle is None:
-            return
-        line = json.dumps(record, allow_nan=False, default=_json_default) + "\n"
-        with self._lock:
-            self._handle.write(line)
-            if flush:
-                self._handle.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._handle is not None:
-                self._handle.flush()
-                os.fsync(self._handle.fileno())
-                self._handle.close()
-                self._handle = None
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-class AnomalySaver:
-    """Anomalous frames and their overlays, at most one every ``every_s`` seconds (a line stopping on a
-    defect must not fill the disk with copies of the same picture)."""
-
-    def __init__(self, folder: Path, every_s: float):
-        if every_s < 0:
-            raise WatchError(f"--save-every-s must be >= 0, got {every_s}")
-        self.folder = folder
-        self.every_s = every_s
-        self.saved = 0
-        self._last: float | None = None
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def due(self) -> bool:
-        return self._last is None or time.monotonic() - self._last >= self.every_s
-
-    def save(self, frame: Frame, overlay: np.ndarray) -> list[str]:
-        self._last = time.monotonic()
-        stem = self.folder / f"frame{frame.number:08d}"
-        paths = [stem.with_name(stem.name + "_frame.png"), stem.with_name(stem.name + "_overlay.jpg")]
-        write_image(paths[0], frame.image)  # the frame as captured, lossless
-        write_image(paths[1], overlay)
-        self.saved += 1
-        return [str(p) for p in paths]
-
-
-class VideoSink:
-    """The annotated video; written under a temporary name and renamed when closed (a video without its
-    trailer is unreadable, so a crash must not leave one under the real name)."""
-
-    def __init__(self, path: Path, fps: float | None):
-        codec = VIDEO_CODECS.get(path.suffix.lower())
-        if codec is None:
-            raise WatchError(f"{path}: unsupported video container {path.suffix!r}; use one of {', '.join(VIDEO_CODECS)}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-        self.fps = float(fps) if fps else DEFAULT_VIDEO_FPS
-        self.fourcc = cv2.VideoWriter_fourcc(*codec)
-        self.size: tuple[int, int] | None = None
-        self.frames = 0
-        self._writer: cv2.VideoWriter | None = None
-
-    def write(self, image: np.ndarray) -> None:
-        if self._writer is None:
-            self.size = (image.shape[1], image.shape[0])
-            self._writer = cv2.VideoWriter(str(self.tmp), self.fourcc, self.fps, self.size)
-            if not self._writer.isOpened():
-                self._writer = None
-                raise WatchError(f"{self.path}: OpenCV cannot write this video (codec {self.fourcc:#x} at {self.size})")
-        if (image.shape[1], image.shape[0]) != self.size:
-            image = cv2.resize(image, self.size, interpolation=cv2.INTER_AREA)  # a video has one frame size
-        self._writer.write(image)
-        self.frames += 1
-
-    def close(self) -> bool:
-        """Finish the file; True if a video was written."""
-        if self._writer is None:
-            return False
-        self._writer.release()
-        self._writer = None
-        os.replace(self.tmp, self.path)
-        return True
-
-
-class Window:
-    """``--show``: the overlay with the frame rate; ``q`` or Esc (or closing the window) stops the run."""
-
-    NAME = "pcedge watch"
-
-    def __init__(self) -> None:
-        try:
-            cv2.namedWindow(self.NAME, cv2.WINDOW_NORMAL)
-        except cv2.error as exc:
-            raise WatchError(
-                "--show needs OpenCV with GUI support; this build has none (opencv-python-headless?). "
-                "Install opencv-python, or run headless with --jsonl / --video-out"
-            ) from exc
-        self._opened = True
-
-    def show(self, overlay: np.ndarray, fps: float) -> None:
-        text = f"{fps:5.1f} fps"
-        scale = max(0.4, overlay.shape[1] / 900)
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-        x, y = overlay.shape[1] - tw - 8, th + 6
-        cv2.rectangle(overlay, (x - 6, 0), (overlay.shape[1], th + base + 12), (0, 0, 0), -1)
-        cv2.putText(overlay, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
-        cv2.imshow(self.NAME, overlay)
-
-    def wants_stop(self) -> bool:
-        """Pump window events; True after ``q``/Esc or once the window was closed."""
-        key = cv2.waitKey(1) & 0xFF
-        closed = cv2.getWindowProperty(self.NAME, cv2.WND_PROP_VISIBLE) < 1
-        return key in (ord("q"), 27) or closed
-
-    def close(self) -> None:
-        if self._opened:
-            cv2.destroyWindow(self.NAME)
-            cv2.waitKey(1)
-            self._opened = False
-
-
-# ------------------------------------------------------------------------------------------------- pipeline
 
 
 @dataclass

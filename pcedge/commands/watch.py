@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli_common import add_detector_arguments, open_detector
+from pcedge.commands.common import add_detector_arguments, open_detector
 
 HELP = "live inference on a camera, RTSP/HTTP stream, GStreamer pipeline, video file or image folder"
 
@@ -50,8 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .camera import SourceError, open_source
-    from .pipeline import WatchError, WatchOptions, WatchPipeline
+    from pcedge.runtime.watch.sources import SourceError, open_source
+    from pcedge.runtime.errors import WatchError
+    from pcedge.runtime.watch.pipeline import WatchOptions, WatchPipeline
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     options = WatchOptions(

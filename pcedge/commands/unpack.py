@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .archive import unpack
-from .bundle import BundleError
+from pcedge.runtime.archive import unpack
+from pcedge.runtime.bundle import BundleError
 
 HELP = "unpack an archive made by `pcedge pack` into a bundle directory, verifying every file first"
 

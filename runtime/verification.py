@@ -1,4 +1,4 @@
-"""``pcedge verify``: the on-device acceptance test after flashing. PASS or FAIL per check, with figures.
+"""The on-device acceptance test after flashing (``pcedge verify``): checks that each PASS or FAIL with figures.
 
 Checks: every file's checksum; the chosen backend's embeddings and image scores against the reference the
 exporter stored (torch on the workstation) for a few real images; HNSW recall@1 against exact search; and
@@ -7,16 +7,16 @@ the worst relative image-score error of HNSW (with the exact re-scoring pass) ag
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import numpy as np
 
+from .backends import open_backend
 from .bundle import BundleError, open_bundle
-from .cli_common import add_detector_arguments
 from .errors import BackendUnavailable
+from .index import ExactIndex, make_index
+from .scoring import Scorer
 
-HELP = "acceptance test on the device: checksums, backend vs stored reference, index recall (PASS/FAIL)"
 
 #: FP32 engines must reproduce the workstation's embeddings to this relative error (max |diff| / max |ref|).
 FP32_REL_TOL = 1e-3
@@ -36,12 +36,6 @@ class Check:
     detail: str
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
-    add_detector_arguments(parser, index=False)
-    parser.add_argument("--ef", type=int, default=None, help="HNSW query ef to check (default: the bundle's)")
-
-
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(-1, a.shape[-1]).astype(np.float64)
     b = b.reshape(-1, b.shape[-1]).astype(np.float64)
@@ -50,9 +44,6 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precision: str | None,
                ef: int | None) -> tuple[list[Check], str]:
-    from .backends import open_backend
-    from .index import ExactIndex, make_index
-    from .scoring import Scorer
 
     checks: list[Check] = []
     try:
@@ -115,18 +106,3 @@ def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precisi
     checks.append(Check("hnsw image scores", worst <= HNSW_SCORE_REL_TOL,
                         f"worst rel error vs exact {worst:.2e} (need <= {HNSW_SCORE_REL_TOL:g}) with exact re-scoring"))
     return checks, description
-
-
-def run(args: argparse.Namespace) -> int:
-    checks, description = run_checks(args.bundle, args.backend, args.threads, args.precision, args.ef)
-    if description:
-        print(f"pcedge verify {args.bundle}: {description}")
-    for check in checks:
-        print(f"{'PASS' if check.passed else 'FAIL'}  {check.name:22s} {check.detail}")
-    failed = [c for c in checks if not c.passed]
-    if failed:
-        print(f"FAIL: {len(failed)} of {len(checks)} checks failed. When reporting, include this output and "
-              f"`pcedge info {args.bundle}`.")
-        return 1
-    print(f"PASS: all {len(checks)} checks. next: pcedge watch {args.bundle} SOURCE")
-    return 0

@@ -39,7 +39,7 @@ from typing import Callable, Protocol
 import cv2
 import numpy as np
 
-from .preprocess import IMAGE_SUFFIXES, ImageError, check_frame, list_images, read_image
+from ..preprocess import IMAGE_SUFFIXES, ImageError, check_frame, list_images, read_image
 
 log = logging.getLogger("pcedge.watch")
 

@@ -1,0 +1,99 @@
+"""``pcedge bench``: latency per stage and throughput on this machine, beside each stage's floor; the work is
+done by :mod:`pcedge.runtime.evaluation.latency`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pcedge.runtime.backends import BACKENDS
+from pcedge.runtime.bundle import BundleError
+from pcedge.runtime.evaluation.latency import ALL_BACKENDS, ALL_INDEXES, BenchConfig, markdown, run_bench
+from pcedge.runtime.files import write_json, write_text_atomic
+
+HELP = "latency per stage (p50/p95/p99) and throughput per backend, index and batch size, beside each stage's floor"
+
+
+def _choices(text: str, allowed: tuple[str, ...], everything: tuple[str, ...], what: str) -> tuple[str, ...]:
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    if items == ("all",):
+        return everything
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{what} {text!r}: choose all or a comma list of {', '.join(allowed)}")
+    return items
+
+
+def parse_backends(text: str) -> tuple[str, ...]:
+    return _choices(text, BACKENDS, ALL_BACKENDS, "--backend")
+
+
+def parse_indexes(text: str) -> tuple[str, ...]:
+    return _choices(text, ("exact", "hnsw", "auto"), ALL_INDEXES, "--index")
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch {text!r}: expected a comma list of integers, e.g. 1,4,8") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"--batch {text!r}: batch sizes must be at least 1")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
+    parser.add_argument("--images", nargs="+", default=None, metavar="DIR|FILE",
+                        help="images to time (files, folders, globs; decoded once, decode not timed). "
+                             "Default: the bundle's check images (network-sized)")
+    parser.add_argument("--backend", type=parse_backends, default=ALL_BACKENDS,
+                        help=f"all (default) or a comma list of {', '.join(BACKENDS)}; unavailable ones are skipped "
+                             "with the reason")
+    parser.add_argument("--index", type=parse_indexes, default=ALL_INDEXES,
+                        help="all (exact,hnsw; default) or a comma list of exact, hnsw, auto")
+    parser.add_argument("--batch", type=parse_batches, default=(1, 4, 8), help="batch sizes (default 1,4,8)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per backend x index x batch (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls before timing (default 5)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    parser.add_argument("--ef", type=int, default=None, help="HNSW query ef (default: the bundle's)")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default=None, help="TensorRT engine precision")
+    parser.add_argument("--no-peak", action="store_true", help="skip measuring this machine's peak FLOP/s and bandwidth")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the report as JSON")
+    parser.add_argument("--md", type=Path, default=None, metavar="FILE", help="write the tables as Markdown")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repeats < 1 or args.warmup < 0:
+        print("pcedge bench: --repeats must be at least 1 and --warmup at least 0", file=sys.stderr)
+        return 2
+    config = BenchConfig(
+        bundle=Path(args.bundle), images=args.images, backends=tuple(args.backend), indexes=tuple(args.index),
+        batches=tuple(args.batch), repeats=args.repeats, warmup=args.warmup, threads=args.threads, ef=args.ef,
+        precision=args.precision, measure_peak=not args.no_peak,
+    )
+    try:
+        report = run_bench(config)
+    except (BundleError, FileNotFoundError, ValueError) as exc:
+        print(f"pcedge bench: {exc}", file=sys.stderr)
+        return 2
+    if not report.runs:
+        print("pcedge bench: no backend could run: " + "; ".join(f"{s.backend}: {s.reason}" for s in report.skipped),
+              file=sys.stderr)
+        return 2
+    text = markdown(report)
+    print()
+    print(text)
+    if args.json:
+        write_json(args.json, report)
+        print(f"wrote {args.json}")
+    if args.md:
+        write_text_atomic(args.md, text)
+        print(f"wrote {args.md}")
+    if any(s.backend == "tensorrt" for s in report.skipped):
+        print(f"next: on a device with TensorRT, pcedge build-engine {args.bundle} && pcedge bench {args.bundle} "
+              f"--backend tensorrt   |   pcedge watch {args.bundle} SOURCE")
+    else:
+        print(f"next: pcedge watch {args.bundle} SOURCE")
+    return 0

@@ -1,0 +1,52 @@
+"""Arguments and helpers shared by the device commands (predict, verify, eval, bench, watch)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pcedge.runtime.backends import BACKENDS
+
+
+def add_detector_arguments(parser: argparse.ArgumentParser, index: bool = True) -> None:
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="inference backend (default auto: TensorRT engine > ONNX Runtime CUDA > CPU)")
+    if index:
+        parser.add_argument("--index", choices=("auto", "exact", "hnsw"), default="auto",
+                            help="nearest-neighbour search (default auto: exact for small banks, HNSW above)")
+        parser.add_argument("--ef", type=int, default=None, help="HNSW query ef (default: the bundle's)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default=None,
+                        help="TensorRT engine precision to prefer")
+
+
+def detector_options(args: argparse.Namespace, **overrides):
+    from pcedge.runtime.detector import DetectorOptions
+
+    values = dict(
+        backend=args.backend, index=getattr(args, "index", "auto"), ef=getattr(args, "ef", None),
+        threshold=getattr(args, "threshold", None), threads=args.threads, precision=args.precision,
+    )
+    values.update(overrides)
+    return DetectorOptions(**values)
+
+
+def percentile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
+
+
+def open_detector(args: argparse.Namespace, command: str):
+    """The command's :class:`~pcedge.runtime.detector.Detector`, or None after printing why it cannot open
+    (missing or tampered bundle, unavailable backend, bad option) as ``pcedge COMMAND: reason``."""
+    import sys
+
+    from pcedge.runtime.bundle import BundleError
+    from pcedge.runtime.detector import Detector
+    from pcedge.runtime.errors import BackendUnavailable
+
+    try:
+        return Detector.open(args.bundle, detector_options(args))
+    except (BundleError, BackendUnavailable, ValueError) as exc:
+        print(f"pcedge {command}: {exc}", file=sys.stderr)
+        return None

@@ -1,0 +1,72 @@
+"""``pcedge eval``: accuracy of a bundle on a labelled category (MVTec AD layout); the work is done by
+:mod:`pcedge.runtime.evaluation.accuracy`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from pcedge.commands.common import add_detector_arguments, open_detector
+from pcedge.runtime.evaluation.accuracy import DEFAULT_PIXEL_SIZE, EvalReport, coverage_warning, evaluate, format_report
+from pcedge.runtime.evaluation.dataset import DatasetError, load_category
+from pcedge.runtime.evaluation.metrics import MetricError
+from pcedge.runtime.files import write_json
+from pcedge.runtime.preprocess import ImageError
+
+HELP = "accuracy on a labelled category folder (MVTec layout): image/pixel AUROC, AUPRO, F1"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
+    parser.add_argument("--data", type=Path, required=True, metavar="CATEGORY_DIR",
+                        help="category folder: test/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full report here")
+    add_detector_arguments(parser)
+    parser.add_argument("--batch", type=int, default=8, help="images per backbone call (default 8)")
+    parser.add_argument("--pixel-size", type=int, default=DEFAULT_PIXEL_SIZE, metavar="N",
+                        help=f"pixel metrics at the mask resolution scaled so the longer side is <= N "
+                             f"(default {DEFAULT_PIXEL_SIZE}; 0 = the masks' own resolution)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+
+    if args.batch < 1:
+        print("pcedge eval: --batch must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        category = load_category(args.data)
+    except DatasetError as exc:
+        print(f"pcedge eval: {exc}", file=sys.stderr)
+        return 2
+    detector = open_detector(args, "eval")
+    if detector is None:
+        return 2
+    description, threshold = detector.description, detector.threshold
+    counts = ", ".join(f"{label} {category.count(label)}" for label in category.defect_types)
+    print(f"pcedge eval: {category.name}: {category.count('good')} good, {counts}; {description}",
+          file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        with detector:
+            metrics, coverage, mean_ms, records = evaluate(detector, category, args.pixel_size, args.batch,
+                                                           progress=not args.quiet)
+    except (ImageError, DatasetError, MetricError) as exc:
+        print(f"pcedge eval: {exc}", file=sys.stderr)
+        return 2
+    report = EvalReport(
+        bundle=str(args.bundle), data=str(args.data), category=category.name, backend=description,
+        threshold=threshold, metrics=metrics, coverage=coverage, mean_ms_per_image=mean_ms,
+        seconds=time.perf_counter() - t0, images=records,
+    )
+    print(format_report(report))
+    warning = coverage_warning(coverage)
+    if warning:
+        print(warning, file=sys.stderr)
+    if args.json:
+        write_json(args.json, report)
+        print(f"wrote {args.json}")
+    print(f"next: pcedge predict {args.bundle} {category.root / 'test'} --save-maps maps/   (look at the anomaly maps)")
+    return 0

@@ -1,0 +1,32 @@
+"""``pcedge verify``: the on-device acceptance test after flashing, PASS or FAIL per check, with figures; the
+checks are :mod:`pcedge.runtime.verification`'s."""
+
+from __future__ import annotations
+
+import argparse
+
+from pcedge.commands.common import add_detector_arguments
+from pcedge.runtime.verification import run_checks
+
+HELP = "acceptance test on the device: checksums, backend vs stored reference, index recall (PASS/FAIL)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
+    add_detector_arguments(parser, index=False)
+    parser.add_argument("--ef", type=int, default=None, help="HNSW query ef to check (default: the bundle's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    checks, description = run_checks(args.bundle, args.backend, args.threads, args.precision, args.ef)
+    if description:
+        print(f"pcedge verify {args.bundle}: {description}")
+    for check in checks:
+        print(f"{'PASS' if check.passed else 'FAIL'}  {check.name:22s} {check.detail}")
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        print(f"FAIL: {len(failed)} of {len(checks)} checks failed. When reporting, include this output and "
+              f"`pcedge info {args.bundle}`.")
+        return 1
+    print(f"PASS: all {len(checks)} checks. next: pcedge watch {args.bundle} SOURCE")
+    return 0

@@ -1,0 +1,165 @@
+"""Build a TensorRT plan from the bundle's ONNX graph (TensorRT 10 Python API, on the device).
+
+``tensorrt`` is imported inside :func:`build_engine` only. The plan is a plain serialized engine
+(``trtexec --loadEngine`` reads it), written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+from ..files import write_bytes_atomic
+from .device import import_tensorrt
+
+
+class TensorRTBuildError(RuntimeError):
+    """TensorRT could not parse or build the graph; the message says where and why."""
+
+
+@dataclass
+class BuildReport:
+    plan_path: Path
+    plan_bytes: int
+    precision: str
+    trt_version: str
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    workspace_mb: int
+    seconds: float
+    timing_cache: Path | None
+    timing_cache_reused: bool  # False for a new cache, or one recorded on another GPU/TensorRT
+    notes: list[str] = field(default_factory=list)
+
+
+def format_parser_error(error) -> str:
+    """One line per ONNX parser error: node name, op and TensorRT's description (``IParserError``)."""
+    node_name = error.node_name() or f"#{error.node()}"
+    op = error.node_operator() or "?"
+    return f"node '{node_name}' ({op}): {error.desc()}"
+
+
+def _make_logger(trt: ModuleType):
+    """A TensorRT logger that prints warnings to stderr and keeps errors for the exception message."""
+
+    class RecordingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)  # required by the ILogger docs for Python subclasses
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                self.errors.append(msg)
+                print(f"[TensorRT] ERROR: {msg}", file=sys.stderr)
+            elif severity == trt.ILogger.WARNING:
+                print(f"[TensorRT] WARNING: {msg}", file=sys.stderr)
+
+    return RecordingLogger()
+
+
+def build_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    precision: str,
+    min_batch: int,
+    opt_batch: int,
+    max_batch: int,
+    workspace_mb: int,
+    timing_cache: Path | None,
+    input_name: str,
+    input_chw: tuple[int, int, int],
+) -> BuildReport:
+    """Parse ``onnx_path`` with TensorRT's ONNX parser and write a serialized plan to ``plan_path``.
+
+    One optimisation profile covers batches ``min_batch..max_batch`` (kernels tuned for ``opt_batch``) of
+    input ``input_name`` ``[B, *input_chw]``. ``precision`` "fp16" enables FP16 kernels and is an error on
+    a GPU without fast FP16 (never a silent fp32 build). The timing cache, when given, is loaded first and
+    saved after. The plan is a plain serialized engine (``trtexec --loadEngine`` reads it), written to a
+    temporary name and renamed.
+    """
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
+    if workspace_mb <= 0:
+        raise ValueError(f"workspace must be positive (MB), got {workspace_mb}")
+    trt = import_tensorrt()
+    started = time.perf_counter()
+    logger = _make_logger(trt)
+    builder = trt.Builder(logger)
+    # TensorRT 10 networks are always explicit-batch; the EXPLICIT_BATCH flag is deprecated and ignored.
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    # `path` lets the parser find externally stored weights next to the model (OnnxParser.parse docs).
+    if not parser.parse(onnx_path.read_bytes(), path=str(onnx_path)):
+        errors = [format_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise TensorRTBuildError(f"{onnx_path}: TensorRT's ONNX parser rejected the graph:\n  " + "\n  ".join(errors))
+
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    if input_name not in inputs:
+        raise TensorRTBuildError(f"{onnx_path}: no input named {input_name!r}; the graph's inputs are {sorted(inputs)}")
+    graph_chw = inputs[input_name][1:]
+    if len(graph_chw) != 3 or any(d not in (-1, want) for d, want in zip(graph_chw, input_chw)):
+        raise TensorRTBuildError(
+            f"{onnx_path}: input {input_name!r} has shape {list(inputs[input_name])}, "
+            f"the manifest says [B, {', '.join(map(str, input_chw))}]"
+        )
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    if precision == "fp16":
+        if not builder.platform_has_fast_fp16:
+            raise TensorRTBuildError(
+                "fp16 requested, but this GPU has no fast FP16 (builder.platform_has_fast_fp16 is False); "
+                "build with --precision fp32"
+            )
+        config.set_flag(trt.BuilderFlag.FP16)
+
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, (min_batch, *input_chw), (opt_batch, *input_chw), (max_batch, *input_chw))
+    if config.add_optimization_profile(profile) < 0:
+        raise TensorRTBuildError(f"TensorRT refused the optimisation profile batch {min_batch}..{max_batch} for {input_name!r}")
+
+    notes: list[str] = []
+    blob = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    reused = bool(blob)
+    # set_timing_cache verifies the cache's header against this GPU and TensorRT; a foreign cache is
+    # replaced by a fresh one rather than used with another device's timings.
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        notes.append(f"timing cache {timing_cache} was recorded on another GPU or TensorRT; started a new one")
+        cache = config.create_timing_cache(b"")
+        reused = False
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise TensorRTBuildError("TensorRT could not create an empty timing cache")
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        detail = "; ".join(logger.errors[-5:]) or "no error message from TensorRT"
+        raise TensorRTBuildError(f"{onnx_path}: TensorRT could not build the engine: {detail}")
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(plan_path, serialized)
+    if timing_cache is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(timing_cache, cache.serialize())
+    return BuildReport(
+        plan_path=plan_path,
+        plan_bytes=plan_path.stat().st_size,
+        precision=precision,
+        trt_version=trt.__version__,
+        min_batch=min_batch,
+        opt_batch=opt_batch,
+        max_batch=max_batch,
+        workspace_mb=int(workspace_mb),
+        seconds=time.perf_counter() - started,
+        timing_cache=timing_cache,
+        timing_cache_reused=reused,
+        notes=notes,
+    )
+
+
