@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import manifest_schema
 from .files import write_text_atomic
 
 FORMAT = "pcedge-bundle"
@@ -224,33 +225,20 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = MANIFEST) -> "Manifest":
-        return _from_dict(cls, data, source)
+        """Build from parsed JSON, checking every field's type (:mod:`manifest_schema`); ranges are
+        checked by :func:`read_manifest` (:func:`validate`)."""
+        try:
+            return manifest_schema.build(cls, data, source)
+        except manifest_schema.SchemaError as exc:
+            raise BundleError(str(exc)) from exc
 
-
-def _from_dict(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses; unknown keys are an error."""
-    if not isinstance(data, dict):
-        raise BundleError(f"{where}: expected an object, got {type(data).__name__}")
-    hints = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(hints)
-    if unknown:
-        raise BundleError(f"{where}: unknown keys {sorted(unknown)}")
-    kwargs: dict[str, Any] = {}
-    nested = {
-        "input": InputSpec, "output": OutputSpec, "model": ModelSpec, "memory_bank": MemoryBankSpec,
-        "index": IndexSpec, "scoring": ScoringSpec, "threshold": ThresholdSpec, "check": CheckSpec,
-        "geometry": Geometry, "parity": ParityReport,
-    }
-    for key, value in data.items():
-        if key in nested and dataclasses.is_dataclass(nested[key]) and isinstance(value, dict):
-            kwargs[key] = _from_dict(nested[key], value, f"{where}.{key}")
-        elif key == "engines":
-            kwargs[key] = [_from_dict(EngineSpec, v, f"{where}.engines[{i}]") for i, v in enumerate(value)]
-        elif key == "files":
-            kwargs[key] = {name: _from_dict(FileEntry, v, f"{where}.files.{name}") for name, v in value.items()}
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
+    def validate(self, source: str = MANIFEST) -> "Manifest":
+        """The range and cross-field rules (positive threshold, grid vs input, confined listed paths, ...)."""
+        try:
+            manifest_schema.check_ranges(self, source, SCHEMA_VERSION, FORMAT, MANIFEST)
+        except manifest_schema.SchemaError as exc:
+            raise BundleError(str(exc)) from exc
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,29 +344,47 @@ def read_manifest(root: Path) -> Manifest:
         raise BundleError(f"{root}: no such bundle directory")
     if not root.is_dir():
         raise BundleError(f"{root}: a bundle is a directory (NAME.pcedge/); use `pcedge unpack` for archives")
-    if not path.exists():
+    if not path.is_file():
         raise BundleError(f"{path}: missing; {root} is not a pcedge bundle")
+    size = path.stat().st_size
+    if size > manifest_schema.MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: {size} bytes; a manifest is at most {manifest_schema.MAX_MANIFEST_BYTES} bytes")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise BundleError(f"{path}: nested too deeply to be a pcedge manifest") from exc
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise BundleError(f"{path}: not a pcedge manifest (format is {data.get('format') if isinstance(data, dict) else None!r})")
     version = data.get("schema_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise BundleError(f"{path}: schema_version missing or not an integer")
     if version > SCHEMA_VERSION:
         raise BundleError(
             f"{path}: schema_version {version} is newer than this pcedge reads ({SCHEMA_VERSION}); "
             "upgrade pcedge on this device"
         )
-    return Manifest.from_dict(data, source=str(path))
+    # One schema, checked once on open: types from the dataclass tree, then ranges and listed paths.
+    return Manifest.from_dict(data, source=str(path)).validate(str(path))
+
+
+def confined(root: Path, rel: str) -> Path:
+    """``root / rel``, refusing a path that leaves the bundle directory (``..``, absolute, or a symlink out)."""
+    if not manifest_schema.confined_relpath(rel):
+        raise BundleError(f"{root / MANIFEST}: {rel!r} is not a path inside the bundle")
+    path = root / rel
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise BundleError(f"{path}: resolves outside the bundle ({path.resolve()}); refused")
+    return path
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
     """Check every listed file's size and sha256; raise :class:`BundleError` naming the first bad file."""
     for rel, entry in manifest.files.items():
-        path = root / rel
+        path = confined(root, rel)
         if not path.is_file():
             raise BundleError(f"{path}: listed in the manifest but missing")
         size = path.stat().st_size
@@ -386,15 +392,14 @@ def verify_files(root: Path, manifest: Manifest) -> None:
             raise BundleError(f"{path}: size {size} bytes, manifest says {entry.size}: the file was changed")
         if sha256_file(path) != entry.sha256:
             raise BundleError(f"{path}: sha256 does not match the manifest: the file was changed or corrupted")
-    for required in (manifest.model.file, manifest.memory_bank.file):
-        if required not in manifest.files:
-            raise BundleError(f"{root / MANIFEST}: required file {required} is not listed")
 
 
 def open_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
     """Open a bundle directory; with ``verify`` every file's checksum is checked first."""
     root = Path(root)
     manifest = read_manifest(root)
+    for rel in manifest.files:
+        confined(root, rel)  # even unverified, nothing outside the bundle is read (symlinks included)
     if verify:
         verify_files(root, manifest)
     return Bundle(root=root, manifest=manifest)
