@@ -311,9 +311,12 @@ class Bundle:
         path = self.memory_bank_path
         try:
             bank = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:  # pickled object arrays are refused here too
             raise BundleError(f"{path}: not a readable .npy array ({exc})") from exc
         spec = self.manifest.memory_bank
+        if not isinstance(bank, np.ndarray):  # an .npz archive under the .npy name
+            raise BundleError(f"{path}: not a .npy array (found {type(bank).__name__})")
+        # dtype equality is exact: float64 and big-endian '>f4' are refused, not silently converted.
         if bank.dtype != np.float32 or bank.ndim != 2 or bank.shape != (spec.n, spec.dim):
             raise BundleError(
                 f"{path}: expected float32 [{spec.n}, {spec.dim}] as the manifest says, "
@@ -322,13 +325,42 @@ class Bundle:
         return np.ascontiguousarray(bank)
 
     def load_check_arrays(self):
-        """``(images [n,3,H,W], embeddings [n,h*w,D], scores [n])`` stored at export time, or None."""
+        """``(images [n,3,H,W], embeddings [n,h*w,D], scores [n])`` stored at export time, or None.
+
+        Each array is checked: float32 in native byte order, shapes from the manifest, finite values;
+        :class:`BundleError` names the file and what is wrong.
+        """
         import numpy as np
 
-        spec = self.manifest.check
+        m = self.manifest
+        spec = m.check
         if not (spec.images and spec.embeddings and spec.scores):
             return None
-        return tuple(np.load(self.root / rel, allow_pickle=False) for rel in (spec.images, spec.embeddings, spec.scores))
+        arrays = []
+        for rel in (spec.images, spec.embeddings, spec.scores):
+            path = self.path(rel)
+            try:
+                array = np.load(path, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise BundleError(f"{path}: not a readable .npy array ({exc})") from exc
+            if not isinstance(array, np.ndarray) or array.dtype != np.float32:
+                found = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+                raise BundleError(f"{path}: expected a float32 array, found {found}")
+            arrays.append(array)
+        images, emb, scores = arrays
+        n = scores.shape[0] if scores.ndim == 1 else -1
+        g, out = m.input.geometry, m.output
+        expected = (
+            (spec.images, images, (n, 3, g.height, g.width)),
+            (spec.embeddings, emb, (n, out.grid_h * out.grid_w, out.dim)),
+            (spec.scores, scores, (n,)),
+        )
+        for rel, array, shape in expected:
+            if n < 1 or array.shape != shape:
+                raise BundleError(f"{self.path(rel)}: shape {list(array.shape)}, expected {list(shape)} from the manifest")
+            if not np.isfinite(array).all():
+                raise BundleError(f"{self.path(rel)}: contains NaN or infinite values")
+        return images, emb, scores
 
     def update_manifest(self, manifest: Manifest) -> None:
         """Rewrite the manifest atomically (temp file + rename), recomputing every file's checksum."""
