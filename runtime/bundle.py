@@ -18,7 +18,9 @@ and numpy only.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -31,6 +33,7 @@ from typing import Any
 
 from . import manifest_schema
 from .files import write_text_atomic
+from .signing import SIGNATURE, SignatureError, verify_manifest_signature
 
 FORMAT = "pcedge-bundle"
 #: Readers accept manifests up to this version and refuse newer ones.
@@ -271,7 +274,7 @@ def _listed_files(root: Path) -> list[str]:
         rel = path.relative_to(root).as_posix()
         if rel.startswith(ORT_TRT_CACHE_DIR + "/"):
             continue
-        if path.is_file() and path.name != MANIFEST and not path.name.endswith(".tmp"):
+        if path.is_file() and rel not in (MANIFEST, SIGNATURE) and not path.name.endswith(".tmp"):
             out.append(rel)
     return out
 
@@ -426,9 +429,22 @@ def verify_files(root: Path, manifest: Manifest) -> None:
             raise BundleError(f"{path}: sha256 does not match the manifest: the file was changed or corrupted")
 
 
-def open_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
-    """Open a bundle directory; with ``verify`` every file's checksum is checked first."""
+def open_bundle(root: str | os.PathLike[str], verify: bool = True, trust=None) -> Bundle:
+    """Open a bundle directory; with ``verify`` every file's checksum is checked first.
+
+    ``trust``: an Ed25519 public key (PEM file path or key object). The bundle must then carry a valid
+    signature by that key (``manifest.sig``, see :mod:`signing`), checked before anything else is read,
+    and every checksum is verified whatever ``verify`` says: unsigned or wrongly signed bundles are refused.
+    """
     root = Path(root)
+    if trust is not None:
+        if not (root / MANIFEST).is_file():
+            read_manifest(root)  # the usual message for a missing bundle or manifest
+        try:
+            verify_manifest_signature(root / MANIFEST, trust)
+        except SignatureError as exc:
+            raise BundleError(str(exc)) from exc
+        verify = True
     manifest = read_manifest(root)
     for rel in manifest.files:
         confined(root, rel)  # even unverified, nothing outside the bundle is read (symlinks included)
@@ -440,6 +456,102 @@ def open_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
+
+
+def is_bundle_dir(path: Path) -> bool:
+    """True when ``path`` is a directory whose manifest says it is a pcedge bundle (the only thing
+    ``--force`` may replace). Checksums are not needed for that: a damaged bundle may still be replaced."""
+    manifest = Path(path) / MANIFEST
+    if Path(path).is_symlink() or not Path(path).is_dir() or not manifest.is_file():
+        return False
+    try:
+        if manifest.stat().st_size > manifest_schema.MAX_MANIFEST_BYTES:
+            return False
+        data = json.loads(manifest.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def check_replaceable(target: str | os.PathLike[str], force: bool) -> None:
+    """Refuse to write a bundle at ``target`` unless nothing is there, or ``force`` and a bundle is there.
+
+    ``--force`` never deletes what pcedge did not create: a folder of documents, a dataset, a file or a
+    symlink at ``target`` is refused with a message, whatever the flag.
+    """
+    target = Path(target)
+    if target.name in ("", ".", ".."):
+        raise ValueError(f"{str(target) or repr('')}: name the bundle directory to create (e.g. part.pcedge)")
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not force:
+        raise FileExistsError(f"{target}: already exists; pass --force to replace it")
+    if not is_bundle_dir(target):
+        raise FileExistsError(
+            f"{target}: exists and is not a pcedge bundle (no {MANIFEST} with format {FORMAT!r}); "
+            "--force only replaces bundles: refused"
+        )
+
+
+def check_outside_inputs(target: str | os.PathLike[str], inputs) -> None:
+    """Refuse an output that is, contains or lies inside one of the ``inputs`` (data folders)."""
+    resolved = Path(target).resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if resolved == src or resolved.is_relative_to(src) or src.is_relative_to(resolved):
+            raise ValueError(f"{target}: the output overlaps the input data {source}; write the bundle elsewhere")
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def rename_no_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename ``src`` to ``dst``, failing with :class:`FileExistsError` if ``dst`` exists (even if it appeared
+    a moment ago: Linux ``renameat2(RENAME_NOREPLACE)`` is atomic). Falls back to check-then-rename where
+    the kernel or filesystem lacks the flag."""
+    libc_rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if libc_rename is not None:
+        if libc_rename(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def replace_dir(staging: Path, target: Path, force: bool) -> None:
+    """Move the finished directory ``staging`` to ``target``.
+
+    Without ``force`` the rename fails if ``target`` appeared meanwhile (another export or unpack won the
+    race: it is kept). With ``force`` an existing bundle is moved aside, the new one renamed in, then the old
+    one removed; if the rename fails the old bundle is put back.
+    """
+    old = None
+    if force and (target.exists() or target.is_symlink()):
+        check_replaceable(target, force=True)  # still a bundle (it may have been replaced meanwhile)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    try:
+        rename_no_replace(staging, target)
+    except FileExistsError:
+        if old is not None:
+            if os.path.lexists(target):  # another run's bundle took the name: ours was to be replaced anyway
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, target)  # put the bundle we moved aside back
+        raise FileExistsError(
+            f"{target}: appeared while this bundle was being written (another pcedge run?); it was kept and "
+            "nothing was written"
+        ) from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class BundleWriter:
@@ -454,10 +566,11 @@ class BundleWriter:
             writer.commit(manifest)
     """
 
-    def __init__(self, target: str | os.PathLike[str], force: bool = False):
+    def __init__(self, target: str | os.PathLike[str], force: bool = False, inputs=()):
         self.target = Path(target)
-        if self.target.exists() and not force:
-            raise FileExistsError(f"{self.target}: already exists; pass --force to overwrite it")
+        self.force = force
+        check_replaceable(self.target, force)
+        check_outside_inputs(self.target, inputs)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent))
         self.committed = False
@@ -471,14 +584,7 @@ class BundleWriter:
         manifest.files = {rel: file_entry(self.tmp, rel) for rel in _listed_files(self.tmp)}
         manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_text_atomic(self.tmp / MANIFEST, manifest.to_json())
-        old = None
-        if self.target.exists():
-            # Move the old bundle aside first so that the target name is never empty-handed mid-way.
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.tmp, self.target, self.force)
         self.committed = True
         return self.target
 

@@ -44,13 +44,14 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precision: str | None,
-               ef: int | None) -> tuple[list[Check], str]:
+               ef: int | None, trust=None) -> tuple[list[Check], str]:
     """Every check as a :class:`Check` (PASS/FAIL with figures); a check that cannot run is a FAIL naming
     the file, and the checks after it that depend on it are not run. Never raises for a bad bundle."""
     checks: list[Check] = []
     try:
-        bundle = open_bundle(bundle_path, verify=True)
-        checks.append(Check("checksums", True, f"{len(bundle.manifest.files)} files match the manifest"))
+        bundle = open_bundle(bundle_path, verify=True, trust=trust)
+        signed = f"; signature by the trusted key {trust}" if trust is not None else ""
+        checks.append(Check("checksums", True, f"{len(bundle.manifest.files)} files match the manifest{signed}"))
     except BundleError as exc:
         checks.append(Check("checksums", False, str(exc)))
         return checks, ""
