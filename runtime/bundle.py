@@ -9,7 +9,12 @@ A bundle is a directory (``NAME.pcedge/``) holding
 - ``memory_bank.npy`` -- the coreset, float32 ``[N, D]``: the source of truth for every index;
 - ``index.hnsw``      -- an hnswlib index over the memory bank (rebuildable from it);
 - ``check/``          -- reference inputs, embeddings and scores for ``pcedge verify``;
-- ``engines/``        -- TensorRT plans built on the device.
+- ``engines/``        -- TensorRT plans built on the device;
+- ``manifest.sig``    -- optional Ed25519 signature over the manifest (:mod:`signing`, ``pcedge sign``).
+
+Opening a bundle validates the whole manifest once against one schema (:mod:`manifest_schema`: field
+types from the dataclasses below, range rules, every file the runtime reads listed and confined to the
+bundle), then every listed file's size and sha256.
 
 This module is the only place that knows the on-disk layout: the exporter writes through
 :class:`BundleWriter`, the runtime reads through :func:`open_bundle`. It depends on the standard library
@@ -558,7 +563,9 @@ class BundleWriter:
     """Writes a bundle into a hidden temporary directory beside ``target``; :meth:`commit` renames it in.
 
     Use as a context manager: an exception (or Ctrl-C) inside the block removes the temporary directory,
-    so a crash never leaves half a bundle at ``target``::
+    so a crash never leaves half a bundle at ``target``. ``force`` replaces an existing *bundle* only
+    (:func:`check_replaceable`); ``inputs`` are data folders the target must not overlap; a target that
+    appears while writing is kept and :meth:`commit` fails (:func:`replace_dir`)::
 
         with BundleWriter(out, force=False) as writer:
             np.save(writer.path(MEMORY_BANK_FILE), bank)

@@ -1,8 +1,8 @@
 """One schema for manifest.json: the manifest dataclass tree's field types, plus range rules.
 
 :func:`build` turns parsed JSON into the dataclass tree, driven only by the dataclasses' fields and their
-annotations (``int``, ``float``, ``str``, ``bool``, ``X | None``, ``list[X]``, ``dict[str, X]``, nested
-dataclasses, ``Any`` = one JSON scalar): a field added to any section with a default is validated without
+annotations (``int``, ``float``, ``str``, ``bool``, ``X | None``, ``list[X]``, ``dict[str, X]``,
+``Literal[...]``, nested dataclasses, ``Any`` = one JSON scalar): a field added to any section with a default is validated without
 touching this module. :func:`check_ranges` then applies the rules types cannot express (a positive finite
 threshold, a grid that agrees with the input size and stride, known modes, paths confined to the bundle,
 every file the runtime reads listed with a checksum). Every message names the file and the field
@@ -78,6 +78,11 @@ def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
         raise SchemaError(f"{source}: {where}: expected {wanted}, got {_describe(value)}")
     if dataclasses.is_dataclass(tp):
         return build(tp, value, source, where)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
+            raise SchemaError(f"{source}: {where}: expected one of {', '.join(map(repr, allowed))}, got {_describe(value)}")
+        return value
     if origin is list:
         (item,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, list):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -339,3 +340,35 @@ def test_verify_reports_an_invalid_stored_ef(fixture_bundle, tmp_path, capsys):
     bundle = rewrite(copy_bundle(fixture_bundle, tmp_path / "b.pcedge"), edit=_set("index.ef", -5))
     code, out, _ = run_cli(["verify", str(bundle)], capsys)
     assert code == 1 and "FAIL  checksums" in out and "index.ef: must be >= 1, got -5" in out
+
+
+def _leaf_fields(cls, prefix=""):
+    """Every (dotted path, annotation) of the manifest dataclass tree that is not itself a dataclass."""
+    import dataclasses
+    import typing
+
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from _leaf_fields(tp, path + ".")
+        else:
+            yield path, tp
+
+
+def test_every_manifest_field_is_type_checked_from_the_dataclass_tree():
+    """No field is special-cased: a wrong-typed value anywhere in the tree is refused naming that field, so
+    fields added later (with defaults) are validated without touching the schema."""
+    from pcedge.runtime.bundle import Manifest
+
+    fields = list(_leaf_fields(Manifest))
+    assert len(fields) > 60  # the whole tree, not a hand-picked list
+    for path, _ in fields:
+        data = json.loads(Manifest().to_json())
+        node = data
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = [[{"nested": "wrong type"}]]
+        with pytest.raises(BundleError, match=rf"manifest.json: {re.escape(path)}(\[0\])*: expected"):
+            Manifest.from_dict(data, source="manifest.json")
