@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -54,6 +55,19 @@ def _archive_manifest(manifest: Manifest, include_engines: bool) -> Manifest:
         prefix = f"{ENGINES_DIR}/"
         inside.files = {rel: entry for rel, entry in inside.files.items() if not rel.startswith(prefix)}
     return inside
+
+
+def _archive_manifest_text(path: Path, include_engines: bool) -> bytes:
+    """The manifest's own JSON, minus the engines unless they are packed (the same content as
+    :func:`_archive_manifest`). Working on the JSON as written, rather than re-serialising the dataclasses,
+    keeps exactly the keys the exporter (and a signer) saw, so a signature made with another pcedge
+    version still matches inside the archive."""
+    data = json.loads(path.read_bytes().decode("utf-8"))
+    if not include_engines:
+        data["engines"] = []
+        prefix = f"{ENGINES_DIR}/"
+        data["files"] = {rel: entry for rel, entry in data.get("files", {}).items() if not rel.startswith(prefix)}
+    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
 
 
 def _tarinfo(name: str, size: int, mtime: float) -> tarfile.TarInfo:
@@ -114,7 +128,7 @@ def pack(bundle_root: str | os.PathLike[str], out_file: str | os.PathLike[str], 
     tmp = Path(tmp_name)
     try:
         with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
-            text = manifest.to_json().encode()
+            text = _archive_manifest_text(bundle.root / MANIFEST, include_engines)
             tar.addfile(_tarinfo(f"{top}/{MANIFEST}", len(text), (bundle.root / MANIFEST).stat().st_mtime), io.BytesIO(text))
             signature = bundle.root / SIGNATURE
             if signature.is_file() and not signature.is_symlink():

@@ -156,3 +156,17 @@ def test_sign_command_needs_a_bundle_and_a_key(capsys, tmp_path):
     assert code == 2 and "give BUNDLE --key KEY" in err
     code, _, err = run_cli(["sign", str(tmp_path / "missing.pcedge"), "--key", str(tmp_path / "k")], capsys)
     assert code == 2 and err.startswith("pcedge sign: ")
+
+
+def test_archive_keeps_the_signed_manifest_as_written_by_another_version(tmp_path, keys):
+    """A bundle from a pcedge whose manifest lacked a field this version has (it takes its default): the
+    archive carries the manifest as written, so the signature made over it still matches after unpacking."""
+    root = write_tiny_bundle(tmp_path / "older.pcedge")
+    data = json.loads((root / "manifest.json").read_text())
+    del data["threshold"]["nominal_scores"], data["model"]["parity"]
+    (root / "manifest.json").write_text(json.dumps(data, indent=2))
+    sign_manifest(root / "manifest.json", keys["fleet"])
+    archive = pack(root, tmp_path / "older.tar.gz")
+    dest = unpack(archive, tmp_path / "device.pcedge", trust=keys["fleet_pub"])
+    assert "nominal_scores" not in json.loads((dest / "manifest.json").read_text())["threshold"]
+    assert open_bundle(dest, trust=keys["fleet_pub"]).manifest.threshold.nominal_scores == []
