@@ -31,11 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .manifest_schema import MAX_HNSW_M as MAX_M  # a larger M is no memory-bank graph (and huge records)
+
 HEADER = struct.Struct("<QQQQQQiIQQQdQ")
 _DELETE_MARK = 0x01
-#: hnswlib caps M at nothing; an M this large is no graph anyone built for a memory bank (and would let a
-#: crafted header ask for gigabytes per element).
-MAX_M = 4096
 
 
 class HnswFormatError(ValueError):
