@@ -24,6 +24,8 @@ from pcedge.runtime.bundle import (
     MEMORY_BANK_FILE,
     MODEL_FILE,
     BundleWriter,
+    check_outside_inputs,
+    check_replaceable,
     CheckSpec,
     Geometry,
     IndexSpec,
@@ -191,8 +193,9 @@ def _versions() -> dict[str, str]:
 def export_bundle(config: ExportConfig) -> ExportReport:
     """Fit on ``config.data`` and write ``config.output`` (atomically). See the module docstring."""
     check_geometry(config.geometry)
-    if config.output.exists() and not config.force:
-        raise FileExistsError(f"{config.output}: already exists; pass --force to overwrite it")
+    # Before any work: --force replaces only a bundle, and never writes into (or over) the data.
+    check_replaceable(config.output, config.force)
+    check_outside_inputs(config.output, [config.data, config.val_dir])
     if config.threads:
         torch.set_num_threads(config.threads)
     seconds: dict[str, float] = {}

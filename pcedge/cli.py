@@ -23,6 +23,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("eval", "pcedge.commands.eval"),
     ("bench", "pcedge.commands.bench"),
     ("build-engine", "pcedge.commands.build_engine"),
+    ("sign", "pcedge.commands.sign"),
     ("pack", "pcedge.commands.pack"),
     ("unpack", "pcedge.commands.unpack"),
     ("watch", "pcedge.commands.watch"),

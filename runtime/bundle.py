@@ -9,7 +9,12 @@ A bundle is a directory (``NAME.pcedge/``) holding
 - ``memory_bank.npy`` -- the coreset, float32 ``[N, D]``: the source of truth for every index;
 - ``index.hnsw``      -- an hnswlib index over the memory bank (rebuildable from it);
 - ``check/``          -- reference inputs, embeddings and scores for ``pcedge verify``;
-- ``engines/``        -- TensorRT plans built on the device.
+- ``engines/``        -- TensorRT plans built on the device;
+- ``manifest.sig``    -- optional Ed25519 signature over the manifest (:mod:`signing`, ``pcedge sign``).
+
+Opening a bundle validates the whole manifest once against one schema (:mod:`manifest_schema`: field
+types from the dataclasses below, range rules, every file the runtime reads listed and confined to the
+bundle), then every listed file's size and sha256.
 
 This module is the only place that knows the on-disk layout: the exporter writes through
 :class:`BundleWriter`, the runtime reads through :func:`open_bundle`. It depends on the standard library
@@ -18,7 +23,9 @@ and numpy only.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -29,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import manifest_schema
 from .files import write_text_atomic
+from .signing import SIGNATURE, SignatureError, verify_manifest_signature
 
 FORMAT = "pcedge-bundle"
 #: Readers accept manifests up to this version and refuse newer ones.
@@ -224,33 +233,20 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = MANIFEST) -> "Manifest":
-        return _from_dict(cls, data, source)
+        """Build from parsed JSON, checking every field's type (:mod:`manifest_schema`); ranges are
+        checked by :func:`read_manifest` (:func:`validate`)."""
+        try:
+            return manifest_schema.build(cls, data, source)
+        except manifest_schema.SchemaError as exc:
+            raise BundleError(str(exc)) from exc
 
-
-def _from_dict(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses; unknown keys are an error."""
-    if not isinstance(data, dict):
-        raise BundleError(f"{where}: expected an object, got {type(data).__name__}")
-    hints = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(hints)
-    if unknown:
-        raise BundleError(f"{where}: unknown keys {sorted(unknown)}")
-    kwargs: dict[str, Any] = {}
-    nested = {
-        "input": InputSpec, "output": OutputSpec, "model": ModelSpec, "memory_bank": MemoryBankSpec,
-        "index": IndexSpec, "scoring": ScoringSpec, "threshold": ThresholdSpec, "check": CheckSpec,
-        "geometry": Geometry, "parity": ParityReport,
-    }
-    for key, value in data.items():
-        if key in nested and dataclasses.is_dataclass(nested[key]) and isinstance(value, dict):
-            kwargs[key] = _from_dict(nested[key], value, f"{where}.{key}")
-        elif key == "engines":
-            kwargs[key] = [_from_dict(EngineSpec, v, f"{where}.engines[{i}]") for i, v in enumerate(value)]
-        elif key == "files":
-            kwargs[key] = {name: _from_dict(FileEntry, v, f"{where}.files.{name}") for name, v in value.items()}
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
+    def validate(self, source: str = MANIFEST) -> "Manifest":
+        """The range and cross-field rules (positive threshold, grid vs input, confined listed paths, ...)."""
+        try:
+            manifest_schema.check_ranges(self, source, SCHEMA_VERSION, FORMAT, MANIFEST)
+        except manifest_schema.SchemaError as exc:
+            raise BundleError(str(exc)) from exc
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,7 +279,7 @@ def _listed_files(root: Path) -> list[str]:
         rel = path.relative_to(root).as_posix()
         if rel.startswith(ORT_TRT_CACHE_DIR + "/"):
             continue
-        if path.is_file() and path.name != MANIFEST and not path.name.endswith(".tmp"):
+        if path.is_file() and rel not in (MANIFEST, SIGNATURE) and not path.name.endswith(".tmp"):
             out.append(rel)
     return out
 
@@ -323,9 +319,12 @@ class Bundle:
         path = self.memory_bank_path
         try:
             bank = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:  # pickled object arrays are refused here too
             raise BundleError(f"{path}: not a readable .npy array ({exc})") from exc
         spec = self.manifest.memory_bank
+        if not isinstance(bank, np.ndarray):  # an .npz archive under the .npy name
+            raise BundleError(f"{path}: not a .npy array (found {type(bank).__name__})")
+        # dtype equality is exact: float64 and big-endian '>f4' are refused, not silently converted.
         if bank.dtype != np.float32 or bank.ndim != 2 or bank.shape != (spec.n, spec.dim):
             raise BundleError(
                 f"{path}: expected float32 [{spec.n}, {spec.dim}] as the manifest says, "
@@ -334,13 +333,42 @@ class Bundle:
         return np.ascontiguousarray(bank)
 
     def load_check_arrays(self):
-        """``(images [n,3,H,W], embeddings [n,h*w,D], scores [n])`` stored at export time, or None."""
+        """``(images [n,3,H,W], embeddings [n,h*w,D], scores [n])`` stored at export time, or None.
+
+        Each array is checked: float32 in native byte order, shapes from the manifest, finite values;
+        :class:`BundleError` names the file and what is wrong.
+        """
         import numpy as np
 
-        spec = self.manifest.check
+        m = self.manifest
+        spec = m.check
         if not (spec.images and spec.embeddings and spec.scores):
             return None
-        return tuple(np.load(self.root / rel, allow_pickle=False) for rel in (spec.images, spec.embeddings, spec.scores))
+        arrays = []
+        for rel in (spec.images, spec.embeddings, spec.scores):
+            path = self.path(rel)
+            try:
+                array = np.load(path, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise BundleError(f"{path}: not a readable .npy array ({exc})") from exc
+            if not isinstance(array, np.ndarray) or array.dtype != np.float32:
+                found = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+                raise BundleError(f"{path}: expected a float32 array, found {found}")
+            arrays.append(array)
+        images, emb, scores = arrays
+        n = scores.shape[0] if scores.ndim == 1 else -1
+        g, out = m.input.geometry, m.output
+        expected = (
+            (spec.images, images, (n, 3, g.height, g.width)),
+            (spec.embeddings, emb, (n, out.grid_h * out.grid_w, out.dim)),
+            (spec.scores, scores, (n,)),
+        )
+        for rel, array, shape in expected:
+            if n < 1 or array.shape != shape:
+                raise BundleError(f"{self.path(rel)}: shape {list(array.shape)}, expected {list(shape)} from the manifest")
+            if not np.isfinite(array).all():
+                raise BundleError(f"{self.path(rel)}: contains NaN or infinite values")
+        return images, emb, scores
 
     def update_manifest(self, manifest: Manifest) -> None:
         """Rewrite the manifest atomically (temp file + rename), recomputing every file's checksum."""
@@ -356,29 +384,47 @@ def read_manifest(root: Path) -> Manifest:
         raise BundleError(f"{root}: no such bundle directory")
     if not root.is_dir():
         raise BundleError(f"{root}: a bundle is a directory (NAME.pcedge/); use `pcedge unpack` for archives")
-    if not path.exists():
+    if not path.is_file():
         raise BundleError(f"{path}: missing; {root} is not a pcedge bundle")
+    size = path.stat().st_size
+    if size > manifest_schema.MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: {size} bytes; a manifest is at most {manifest_schema.MAX_MANIFEST_BYTES} bytes")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise BundleError(f"{path}: nested too deeply to be a pcedge manifest") from exc
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise BundleError(f"{path}: not a pcedge manifest (format is {data.get('format') if isinstance(data, dict) else None!r})")
     version = data.get("schema_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise BundleError(f"{path}: schema_version missing or not an integer")
     if version > SCHEMA_VERSION:
         raise BundleError(
             f"{path}: schema_version {version} is newer than this pcedge reads ({SCHEMA_VERSION}); "
             "upgrade pcedge on this device"
         )
-    return Manifest.from_dict(data, source=str(path))
+    # One schema, checked once on open: types from the dataclass tree, then ranges and listed paths.
+    return Manifest.from_dict(data, source=str(path)).validate(str(path))
+
+
+def confined(root: Path, rel: str) -> Path:
+    """``root / rel``, refusing a path that leaves the bundle directory (``..``, absolute, or a symlink out)."""
+    if not manifest_schema.confined_relpath(rel):
+        raise BundleError(f"{root / MANIFEST}: {rel!r} is not a path inside the bundle")
+    path = root / rel
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise BundleError(f"{path}: resolves outside the bundle ({path.resolve()}); refused")
+    return path
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
     """Check every listed file's size and sha256; raise :class:`BundleError` naming the first bad file."""
     for rel, entry in manifest.files.items():
-        path = root / rel
+        path = confined(root, rel)
         if not path.is_file():
             raise BundleError(f"{path}: listed in the manifest but missing")
         size = path.stat().st_size
@@ -386,15 +432,27 @@ def verify_files(root: Path, manifest: Manifest) -> None:
             raise BundleError(f"{path}: size {size} bytes, manifest says {entry.size}: the file was changed")
         if sha256_file(path) != entry.sha256:
             raise BundleError(f"{path}: sha256 does not match the manifest: the file was changed or corrupted")
-    for required in (manifest.model.file, manifest.memory_bank.file):
-        if required not in manifest.files:
-            raise BundleError(f"{root / MANIFEST}: required file {required} is not listed")
 
 
-def open_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
-    """Open a bundle directory; with ``verify`` every file's checksum is checked first."""
+def open_bundle(root: str | os.PathLike[str], verify: bool = True, trust=None) -> Bundle:
+    """Open a bundle directory; with ``verify`` every file's checksum is checked first.
+
+    ``trust``: an Ed25519 public key (PEM file path or key object). The bundle must then carry a valid
+    signature by that key (``manifest.sig``, see :mod:`signing`), checked before anything else is read,
+    and every checksum is verified whatever ``verify`` says: unsigned or wrongly signed bundles are refused.
+    """
     root = Path(root)
+    if trust is not None:
+        if not (root / MANIFEST).is_file():
+            read_manifest(root)  # the usual message for a missing bundle or manifest
+        try:
+            verify_manifest_signature(root / MANIFEST, trust)
+        except SignatureError as exc:
+            raise BundleError(str(exc)) from exc
+        verify = True
     manifest = read_manifest(root)
+    for rel in manifest.files:
+        confined(root, rel)  # even unverified, nothing outside the bundle is read (symlinks included)
     if verify:
         verify_files(root, manifest)
     return Bundle(root=root, manifest=manifest)
@@ -405,11 +463,109 @@ def open_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
 # --------------------------------------------------------------------------------------------------
 
 
+def is_bundle_dir(path: Path) -> bool:
+    """True when ``path`` is a directory whose manifest says it is a pcedge bundle (the only thing
+    ``--force`` may replace). Checksums are not needed for that: a damaged bundle may still be replaced."""
+    manifest = Path(path) / MANIFEST
+    if Path(path).is_symlink() or not Path(path).is_dir() or not manifest.is_file():
+        return False
+    try:
+        if manifest.stat().st_size > manifest_schema.MAX_MANIFEST_BYTES:
+            return False
+        data = json.loads(manifest.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def check_replaceable(target: str | os.PathLike[str], force: bool) -> None:
+    """Refuse to write a bundle at ``target`` unless nothing is there, or ``force`` and a bundle is there.
+
+    ``--force`` never deletes what pcedge did not create: a folder of documents, a dataset, a file or a
+    symlink at ``target`` is refused with a message, whatever the flag.
+    """
+    target = Path(target)
+    if target.name in ("", ".", ".."):
+        raise ValueError(f"{str(target) or repr('')}: name the bundle directory to create (e.g. part.pcedge)")
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not force:
+        raise FileExistsError(f"{target}: already exists; pass --force to replace it")
+    if not is_bundle_dir(target):
+        raise FileExistsError(
+            f"{target}: exists and is not a pcedge bundle (no {MANIFEST} with format {FORMAT!r}); "
+            "--force only replaces bundles: refused"
+        )
+
+
+def check_outside_inputs(target: str | os.PathLike[str], inputs) -> None:
+    """Refuse an output that is, contains or lies inside one of the ``inputs`` (data folders)."""
+    resolved = Path(target).resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if resolved == src or resolved.is_relative_to(src) or src.is_relative_to(resolved):
+            raise ValueError(f"{target}: the output overlaps the input data {source}; write the bundle elsewhere")
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def rename_no_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename ``src`` to ``dst``, failing with :class:`FileExistsError` if ``dst`` exists (even if it appeared
+    a moment ago: Linux ``renameat2(RENAME_NOREPLACE)`` is atomic). Falls back to check-then-rename where
+    the kernel or filesystem lacks the flag."""
+    libc_rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if libc_rename is not None:
+        if libc_rename(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def replace_dir(staging: Path, target: Path, force: bool) -> None:
+    """Move the finished directory ``staging`` to ``target``.
+
+    Without ``force`` the rename fails if ``target`` appeared meanwhile (another export or unpack won the
+    race: it is kept). With ``force`` an existing bundle is moved aside, the new one renamed in, then the old
+    one removed; if the rename fails the old bundle is put back.
+    """
+    old = None
+    if force and (target.exists() or target.is_symlink()):
+        check_replaceable(target, force=True)  # still a bundle (it may have been replaced meanwhile)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    try:
+        rename_no_replace(staging, target)
+    except FileExistsError:
+        if old is not None:
+            if os.path.lexists(target):  # another run's bundle took the name: ours was to be replaced anyway
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, target)  # put the bundle we moved aside back
+        raise FileExistsError(
+            f"{target}: appeared while this bundle was being written (another pcedge run?); it was kept and "
+            "nothing was written"
+        ) from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 class BundleWriter:
     """Writes a bundle into a hidden temporary directory beside ``target``; :meth:`commit` renames it in.
 
     Use as a context manager: an exception (or Ctrl-C) inside the block removes the temporary directory,
-    so a crash never leaves half a bundle at ``target``::
+    so a crash never leaves half a bundle at ``target``. ``force`` replaces an existing *bundle* only
+    (:func:`check_replaceable`); ``inputs`` are data folders the target must not overlap; a target that
+    appears while writing is kept and :meth:`commit` fails (:func:`replace_dir`)::
 
         with BundleWriter(out, force=False) as writer:
             np.save(writer.path(MEMORY_BANK_FILE), bank)
@@ -417,10 +573,11 @@ class BundleWriter:
             writer.commit(manifest)
     """
 
-    def __init__(self, target: str | os.PathLike[str], force: bool = False):
+    def __init__(self, target: str | os.PathLike[str], force: bool = False, inputs=()):
         self.target = Path(target)
-        if self.target.exists() and not force:
-            raise FileExistsError(f"{self.target}: already exists; pass --force to overwrite it")
+        self.force = force
+        check_replaceable(self.target, force)
+        check_outside_inputs(self.target, inputs)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent))
         self.committed = False
@@ -434,14 +591,7 @@ class BundleWriter:
         manifest.files = {rel: file_entry(self.tmp, rel) for rel in _listed_files(self.tmp)}
         manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_text_atomic(self.tmp / MANIFEST, manifest.to_json())
-        old = None
-        if self.target.exists():
-            # Move the old bundle aside first so that the target name is never empty-handed mid-way.
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.tmp, self.target, self.force)
         self.committed = True
         return self.target
 

@@ -81,6 +81,9 @@ class DetectorOptions:
     rescore: bool = True  # exact re-scoring of the decisive patches after HNSW
     precision: str | None = None  # TensorRT engine precision to prefer
     verify_checksums: bool = True
+    # An Ed25519 public key (PEM file) the bundle must be signed with (`pcedge sign`); None: signatures
+    # are not required. When set, unsigned or wrongly signed bundles are refused and checksums always checked.
+    trusted_key: str | os.PathLike[str] | None = None
     # BLAS threads for the exact index's matrix products while the detector is open. One image's products
     # are small (784 x N x D): waking a second BLAS thread costs more than it saves whenever the backend or
     # another process holds the other cores (measured: 16 x 10584 x 152 took 0.9 ms on one thread, 7.6 ms
@@ -116,7 +119,7 @@ class Detector:
         ``kwargs`` are :class:`DetectorOptions` fields, for convenience.
         """
         options = options or DetectorOptions(**kwargs)
-        bundle = open_bundle(bundle_path, verify=options.verify_checksums)
+        bundle = open_bundle(bundle_path, verify=options.verify_checksums, trust=options.trusted_key)
         backend = open_backend(options.backend, bundle, threads=options.threads, precision=options.precision)
         try:
             return cls(bundle, backend, options)

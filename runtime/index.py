@@ -28,6 +28,7 @@ import hnswlib
 import numpy as np
 
 from .bundle import IndexSpec
+from .hnsw_format import HnswFormatError, validate_hnsw_file
 
 log = logging.getLogger(__name__)
 
@@ -307,9 +308,10 @@ class HnswIndex:
     ) -> "HnswIndex":
         """Load an index file written by :meth:`save` for ``bank [N, D]``.
 
-        The file must hold exactly ``N`` elements of dimension ``D``, and a sample of its stored vectors
-        must equal the bank rows with the same labels (an index left over from another bank is refused);
-        otherwise :class:`IndexFileError` names the file.
+        The file must hold exactly ``N`` elements of dimension ``D``, pass
+        :func:`~pcedge.runtime.hnsw_format.validate_hnsw_file` (every id, count and size consistent, every
+        stored vector equal to the bank row with its label) before hnswlib reads it; otherwise
+        :class:`IndexFileError` names the file and the fault.
         """
         path = Path(path)
         bank = _check_bank(bank)
@@ -322,13 +324,17 @@ class HnswIndex:
                 f"{path}: index holds {count} elements of dimension {file_dim}, but the memory bank is "
                 f"{n} x {dim}; rebuild the index from the bank"
             )
+        try:
+            # Native code must never see an unvalidated file: a crafted id or count segfaults hnswlib.
+            validate_hnsw_file(path, bank)
+        except HnswFormatError as exc:
+            raise IndexFileError(str(exc)) from exc
         index = hnswlib.Index(space="l2", dim=dim)  # must match how it was built (see build)
         try:
             # max_elements=0 keeps the file's capacity (== N, see build); no deletions to replace.
             index.load_index(str(path), max_elements=0, allow_replace_deleted=False)
         except RuntimeError as exc:
             raise IndexFileError(f"{path}: hnswlib could not load it ({exc})") from exc
-        _check_same_vectors(index, bank, path)
         threads = _resolve_threads(threads)
         return cls(index, bank, ef=ef, threads=threads, note=f"hnsw index loaded from {path}")
 
@@ -397,17 +403,6 @@ def _resolve_threads(threads: int | None) -> int:
     return int(threads)
 
 
-def _check_same_vectors(index, bank: np.ndarray, path: Path, samples: int = 64) -> None:
-    """The index's stored vectors at a few evenly spread labels must equal those bank rows exactly."""
-    labels = np.unique(np.linspace(0, bank.shape[0] - 1, num=min(samples, bank.shape[0])).astype(np.int64))
-    try:
-        stored = np.asarray(index.get_items(labels, return_type="numpy"), dtype=np.float32)
-    except RuntimeError as exc:  # a label missing from the index
-        raise IndexFileError(f"{path}: its labels are not the bank rows 0..{bank.shape[0] - 1} ({exc})") from exc
-    if not np.array_equal(stored, bank[labels]):
-        raise IndexFileError(f"{path}: its vectors differ from the memory bank's; it was built from another bank")
-
-
 # --------------------------------------------------------------------------------------------------
 # Choosing an index
 # --------------------------------------------------------------------------------------------------
@@ -424,9 +419,9 @@ def make_index(
     """The index of ``kind`` over ``bank [N, D]`` float32.
 
     - ``"exact"``: :class:`ExactIndex`.
-    - ``"hnsw"``: :class:`HnswIndex` loaded from ``index_path`` if that file exists, else built from the
-      bank with ``spec``'s parameters (logged, and said in the index's ``note``; the bundle is not
-      modified). ``ef`` defaults to ``spec.ef``; ``threads`` defaults to all cores.
+    - ``"hnsw"``: :class:`HnswIndex` loaded from ``index_path`` if that file exists and validates, else
+      built from the bank with ``spec``'s parameters (a warning, also in the index's ``note``; the bundle
+      is not modified). ``ef`` defaults to ``spec.ef``; ``threads`` defaults to all cores.
     - ``"auto"``: exact below :data:`AUTO_CROSSOVER_N` bank rows (faster there), hnsw from it up.
 
     ``threads`` applies to hnsw only (the exact index uses numpy's process-wide BLAS pool).
@@ -443,12 +438,17 @@ def make_index(
     if kind == "exact":
         return ExactIndex(bank)
     ef = spec.ef if ef is None else ef
+    reason = "no index file given" if index_path is None else f"{index_path} does not exist"
     if index_path is not None and Path(index_path).is_file():
-        return HnswIndex.load(index_path, bank, ef=ef, threads=threads)
+        try:
+            return HnswIndex.load(index_path, bank, ef=ef, threads=threads)
+        except IndexFileError as exc:
+            # The bank is the source of truth: an index file that does not validate is rebuilt from it
+            # (never handed to hnswlib), with a warning naming the fault.
+            reason = f"WARNING: {exc}; not loaded"
     index = HnswIndex.build(
         bank, M=spec.M, ef_construction=spec.ef_construction, seed=spec.seed, threads=threads, ef=ef
     )
-    reason = "no index file given" if index_path is None else f"{index_path} does not exist"
     index.note = f"{reason}; rebuilt: {index.note}"
     log.warning("%s", index.note)
     return index

@@ -14,6 +14,7 @@ import numpy as np
 from .backends import open_backend
 from .bundle import BundleError, open_bundle
 from .errors import BackendUnavailable
+from .hnsw_format import HnswFormatError, validate_hnsw_file
 from .index import ExactIndex, make_index
 from .scoring import Scorer
 
@@ -43,23 +44,36 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precision: str | None,
-               ef: int | None) -> tuple[list[Check], str]:
-
+               ef: int | None, trust=None) -> tuple[list[Check], str]:
+    """Every check as a :class:`Check` (PASS/FAIL with figures); a check that cannot run is a FAIL naming
+    the file, and the checks after it that depend on it are not run. Never raises for a bad bundle."""
     checks: list[Check] = []
     try:
-        bundle = open_bundle(bundle_path, verify=True)
-        checks.append(Check("checksums", True, f"{len(bundle.manifest.files)} files match the manifest"))
+        bundle = open_bundle(bundle_path, verify=True, trust=trust)
+        signed = f"; signature by the trusted key {trust}" if trust is not None else ""
+        checks.append(Check("checksums", True, f"{len(bundle.manifest.files)} files match the manifest{signed}"))
     except BundleError as exc:
         checks.append(Check("checksums", False, str(exc)))
         return checks, ""
     m = bundle.manifest
-    arrays = bundle.load_check_arrays()
+    try:
+        bank = bundle.load_memory_bank()
+        exact = ExactIndex(bank)
+    except BundleError as exc:
+        checks.append(Check("memory bank", False, str(exc)))
+        return checks, ""
+    except ValueError as exc:  # NaN or infinite rows
+        checks.append(Check("memory bank", False, f"{bundle.memory_bank_path}: {exc}"))
+        return checks, ""
+    try:
+        arrays = bundle.load_check_arrays()
+    except BundleError as exc:
+        checks.append(Check("reference data", False, str(exc)))
+        return checks, ""
     if arrays is None:
         checks.append(Check("reference data", False, f"{bundle.root}: the bundle stores no check/ reference data"))
         return checks, ""
     images, ref_emb, ref_scores = arrays
-    bank = bundle.load_memory_bank()
-    exact = ExactIndex(bank)
     exact_scorer = Scorer(bank, exact, exact, m.scoring)
 
     def image_scores(scorer, emb):
@@ -70,11 +84,20 @@ def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precisi
     except BackendUnavailable as exc:
         checks.append(Check(f"backend {backend_kind}", False, str(exc)))
         return checks, ""
+    except Exception as exc:  # ONNX Runtime's own exception types (InvalidGraph, Fail, ...) derive from Exception
+        checks.append(Check(f"backend {backend_kind}", False, f"{bundle.model_path}: cannot be loaded ({type(exc).__name__}: {exc})"))
+        return checks, ""
     description = backend.description
     try:
         emb = np.concatenate([backend(images[i : i + 1]) for i in range(images.shape[0])])
+    except Exception as exc:  # as above: a graph that loads but cannot run the stored images
+        checks.append(Check(f"backend {backend_kind}", False, f"{bundle.model_path}: failed on the reference images ({type(exc).__name__}: {exc})"))
+        return checks, description
     finally:
         backend.close()
+    if emb.shape != ref_emb.shape:
+        checks.append(Check("embeddings", False, f"{bundle.model_path}: output {list(emb.shape)}, reference {list(ref_emb.shape)}"))
+        return checks, description
     prec = getattr(backend, "precision", "fp16" if backend_kind == "ort-trt" and precision != "fp32" else "fp32")
     rel = float(np.abs(emb - ref_emb).max() / max(np.abs(ref_emb).max(), 1e-30))
     cos = float(_cosines(emb, ref_emb).min())
@@ -91,7 +114,19 @@ def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precisi
         checks.append(Check("image scores", score_rel <= FP32_REL_TOL,
                             f"max rel error {score_rel:.2e} (need <= {FP32_REL_TOL:g}) on {len(scores)} images"))
 
-    hnsw = make_index("hnsw", bank, m.index, bundle.index_path, ef=ef, threads=threads)
+    if ef is not None and ef < 1:
+        checks.append(Check("hnsw recall@1", False, f"--ef {ef}: must be >= 1"))
+        return checks, description
+    index_path = bundle.index_path
+    if index_path is not None:
+        # The index file is validated structurally before hnswlib sees it; a file that fails is rebuilt
+        # from the bank by make_index (so the recall checks below still run), and this check says so.
+        try:
+            validate_hnsw_file(index_path, bank)
+            checks.append(Check("index file", True, f"{index_path.name}: structure valid for the {bank.shape[0]}-row bank"))
+        except HnswFormatError as exc:
+            checks.append(Check("index file", False, f"{exc}; the runtime rebuilds the graph from {m.memory_bank.file}"))
+    hnsw = make_index("hnsw", bank, m.index, index_path, ef=ef, threads=threads)
     flat = emb.reshape(-1, emb.shape[-1]).astype(np.float32)
     _, approx_ids = hnsw.query(flat, 1)
     exact_d, exact_ids = exact.query(flat, 1)

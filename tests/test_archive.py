@@ -122,7 +122,7 @@ def _link(name: str, target: str) -> tarfile.TarInfo:
     (_link("tiny.pcedge/model.onnx", "/etc/passwd"), "is a link"),
 ])
 def test_unsafe_members_are_refused_before_anything_is_written(tmp_path, member, reason):
-    archive = _archive_with(tmp_path, _file("tiny.pcedge/manifest.json"), member)
+    archive = _archive_with(tmp_path, member, _file("tiny.pcedge/manifest.json"))
     dest = tmp_path / "device" / "tiny.pcedge"
     with pytest.raises(ArchiveError, match=reason) as caught:
         unpack(archive, dest)
@@ -139,7 +139,7 @@ def test_unlisted_member_is_refused(bundle_with_engine, tmp_path):
     with tarfile.open(extra, "w:gz") as tar:
         for info, data in members + [(_file("tiny.pcedge/run_me.sh", 3), b"rm ")]:
             tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(ArchiveError, match="run_me.sh not listed in the manifest"):
+    with pytest.raises(ArchiveError, match="run_me.sh' is not listed in the manifest"):
         unpack(extra, tmp_path / "dest.pcedge")
     assert not (tmp_path / "dest.pcedge").exists()
 
@@ -151,9 +151,14 @@ def test_existing_destination_needs_force(bundle_with_engine, tmp_path):
     (dest / "old.txt").write_text("previous deployment")
     with pytest.raises(ArchiveError, match="already exists; pass --force"):
         unpack(archive, dest)
-    assert (dest / "old.txt").exists()
-    unpack(archive, dest, force=True)
-    assert not (dest / "old.txt").exists() and open_bundle(dest).manifest.memory_bank.n == 10
+    # --force replaces only a pcedge bundle: a folder of anything else is kept (issue 11, item 5).
+    with pytest.raises(ArchiveError, match="is not a pcedge bundle .*--force only replaces bundles: refused"):
+        unpack(archive, dest, force=True)
+    assert (dest / "old.txt").read_text() == "previous deployment"
+    previous = unpack(archive, tmp_path / "previous.pcedge")
+    (previous / "stale.txt").write_text("left by the previous deployment")
+    unpack(archive, previous, force=True)
+    assert not (previous / "stale.txt").exists() and open_bundle(previous).manifest.memory_bank.n == 10
     assert _leftovers(tmp_path) == []
 
 

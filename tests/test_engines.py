@@ -16,7 +16,8 @@ from onnx import TensorProto, helper
 from pcedge.commands import build_engine as cli_build_engine
 from pcedge.runtime.tensorrt import backend, build, device, engines, ort_provider
 from pcedge.runtime.bundle import (
-    BundleError, BundleWriter, EngineSpec, InputSpec, Manifest, MemoryBankSpec, OutputSpec, open_bundle, sha256_file,
+    BundleError, BundleWriter, EngineSpec, Geometry, IndexSpec, InputSpec, Manifest, MemoryBankSpec, OutputSpec, ThresholdSpec,
+    open_bundle, sha256_file,
 )
 from pcedge.runtime.errors import BackendUnavailable, TensorRTUnavailable
 
@@ -40,9 +41,11 @@ def write_tiny_bundle(target: Path) -> Path:
     onnx.checker.check_model(model, full_check=True)
     bank = np.random.default_rng(0).random((10, 3), dtype=np.float32)
     manifest = Manifest(
-        input=InputSpec(shape=["batch", 3, 16, 16]),
+        input=InputSpec(shape=["batch", 3, 16, 16], geometry=Geometry(height=16, width=16)),
         output=OutputSpec(shape=["batch", 4, 3], grid_h=2, grid_w=2, dim=3, stride=8),
         memory_bank=MemoryBankSpec(n=10, dim=3),
+        index=IndexSpec(file=None),  # no index file: the runtime builds the graph from the bank
+        threshold=ThresholdSpec(value=0.5),
     )
     with BundleWriter(target) as writer:
         onnx.save(model, writer.path("model.onnx"))

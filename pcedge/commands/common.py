@@ -17,6 +17,8 @@ def add_detector_arguments(parser: argparse.ArgumentParser, index: bool = True) 
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default=None,
                         help="TensorRT engine precision to prefer")
+    parser.add_argument("--trust", metavar="PUBKEY", default=None,
+                        help="refuse the bundle unless it is signed by this Ed25519 public key (see `pcedge sign`)")
 
 
 def detector_options(args: argparse.Namespace, **overrides):
@@ -25,6 +27,7 @@ def detector_options(args: argparse.Namespace, **overrides):
     values = dict(
         backend=args.backend, index=getattr(args, "index", "auto"), ef=getattr(args, "ef", None),
         threshold=getattr(args, "threshold", None), threads=args.threads, precision=args.precision,
+        trusted_key=getattr(args, "trust", None),
     )
     values.update(overrides)
     return DetectorOptions(**values)

@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ef", type=int, default=IndexSpec().ef, help="default HNSW query ef stored in the bundle")
     parser.add_argument("--no-reweight", action="store_true", help="image score = max patch score (no Eq. 7)")
     parser.add_argument("--b", type=int, default=ScoringSpec().reweight_b, help="Eq. 7 support neighbours |N_b(m*)|")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing bundle")
+    parser.add_argument("--force", action="store_true", help="replace an existing pcedge bundle at the output (anything else there is refused)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

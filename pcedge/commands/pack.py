@@ -15,13 +15,14 @@ HELP = "pack a bundle into one verified .tar.gz for copying to a device"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE", help="archive to write (.tar.gz)")
+    parser.add_argument("--force", action="store_true", help="replace FILE if it exists (a regular file only)")
     parser.add_argument("--include-engines", action="store_true",
                         help="also pack TensorRT engines (they only run on the GPU and TensorRT they were built with)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        out = pack(args.bundle, args.output, include_engines=args.include_engines)
+        out = pack(args.bundle, args.output, include_engines=args.include_engines, force=args.force)
     except (BundleError, OSError) as exc:
         print(f"pcedge pack: {exc}", file=sys.stderr)
         return 2

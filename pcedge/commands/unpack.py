@@ -15,15 +15,18 @@ HELP = "unpack an archive made by `pcedge pack` into a bundle directory, verifyi
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("archive", type=Path, help="archive written by `pcedge pack` (.tar.gz)")
     parser.add_argument("dest", type=Path, help="bundle directory to create (NAME.pcedge)")
-    parser.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    parser.add_argument("--force", action="store_true", help="replace DEST if it is a pcedge bundle (anything else is refused)")
+    parser.add_argument("--trust", metavar="PUBKEY", default=None,
+                        help="refuse the archive unless it is signed by this Ed25519 public key (`pcedge sign`)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        dest = unpack(args.archive, args.dest, force=args.force)
+        dest = unpack(args.archive, args.dest, force=args.force, trust=args.trust)
     except (BundleError, OSError) as exc:
         print(f"pcedge unpack: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote       {dest} (every file's sha256 matches its manifest)")
+    signed = f"; signed by the trusted key {args.trust}" if args.trust else ""
+    print(f"wrote       {dest} (every file's sha256 matches its manifest{signed})")
     print(f"next: pcedge build-engine {dest}   (or without TensorRT: pcedge verify {dest})")
     return 0

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    checks, description = run_checks(args.bundle, args.backend, args.threads, args.precision, args.ef)
+    checks, description = run_checks(args.bundle, args.backend, args.threads, args.precision, args.ef, args.trust)
     if description:
         print(f"pcedge verify {args.bundle}: {description}")
     for check in checks:
