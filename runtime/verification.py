@@ -8,10 +8,11 @@ the worst relative image-score error of HNSW (with the exact re-scoring pass) ag
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from .backends import open_backend
+from .backends import Backend, open_backend
 from .bundle import BundleError, open_bundle
 from .errors import BackendUnavailable
 from .index import ExactIndex, make_index
@@ -43,7 +44,11 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precision: str | None,
-               ef: int | None) -> tuple[list[Check], str]:
+               ef: int | None, on_open: Callable[[Backend], None] | None = None) -> tuple[list[Check], str]:
+    """The acceptance checks for one backend: ``(checks, backend description)``.
+
+    ``on_open`` is called with the backend once it is open (the command prints what ``auto`` skipped).
+    """
 
     checks: list[Check] = []
     try:
@@ -71,11 +76,20 @@ def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precisi
         checks.append(Check(f"backend {backend_kind}", False, str(exc)))
         return checks, ""
     description = backend.description
+    if on_open is not None:
+        on_open(backend)
     try:
         emb = np.concatenate([backend(images[i : i + 1]) for i in range(images.shape[0])])
+    except Exception as exc:  # a backend that opened but cannot run is a FAIL with the reason, not a traceback
+        checks.append(Check(f"backend {backend_kind}", False, f"{description}: inference failed: "
+                            f"{type(exc).__name__}: {exc}"))
+        return checks, description
     finally:
-        backend.close()
-    prec = getattr(backend, "precision", "fp16" if backend_kind == "ort-trt" and precision != "fp32" else "fp32")
+        try:
+            backend.close()
+        except Exception:  # a failed cleanup must not hide the checks' outcome
+            pass
+    prec = getattr(backend, "precision", "fp32")
     rel = float(np.abs(emb - ref_emb).max() / max(np.abs(ref_emb).max(), 1e-30))
     cos = float(_cosines(emb, ref_emb).min())
     scores = image_scores(exact_scorer, emb)
