@@ -26,6 +26,10 @@ def write_fp16_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))
     converted = convert_float_to_float16(model, keep_io_types=True)
+    _sort_nodes(converted.graph)  # the converter appends the input Casts after their consumers
+    # Some value_info entries keep a float32 type the converted nodes no longer produce; shape inference
+    # (ONNX Runtime, TensorRT's parser) recomputes them, so they are dropped rather than left stale.
+    del converted.graph.value_info[:]
     onnx.checker.check_model(converted, full_check=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name, suffix=".tmp")
     os.close(fd)
@@ -34,6 +38,26 @@ def write_fp16_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
         os.replace(tmp, dst)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _sort_nodes(graph) -> None:
+    """Reorder ``graph.node`` topologically (stable: the original order wherever it is already valid)."""
+    available = {v.name for v in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:
+            raise ValueError("the float16 graph has a cycle or an input no node produces")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    copies = [type(n)() for n in ordered]
+    for copy, node in zip(copies, ordered):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
