@@ -452,3 +452,14 @@ def test_predict_auto_with_a_broken_tensorrt_says_why_in_one_line(env_factory, t
     assert main(["predict", str(tiny), image, "--verbose"]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if "skipped tensorrt:" in line]
     assert len(lines) == 1 and "factory function returned nullptr" in lines[0]
+
+
+def test_install_hints_pin_tensorrt_and_name_jetpacks_package(env_factory):
+    hint = device.TENSORRT_INSTALL_HINT
+    assert "'tensorrt-cu12>=10.3,<12'" in hint and "python3-libnvinfer" in hint
+    assert "pip install tensorrt" not in hint
+    env_factory("10.3")
+    trt = sys.modules["tensorrt"]
+    trt.__version__ = "12.0.0"
+    with pytest.raises(TensorRTUnavailable, match="newer than pcedge supports"):
+        device.import_tensorrt()
