@@ -137,14 +137,15 @@ class BackendChoice:
 
 
 #: Longest reason ``auto`` keeps per skipped backend; the full text goes to the exception chain.
-REASON_CHARS = 200
+REASON_CHARS = 240
 
 
 def _short_reason(kind: str, exc: BaseException) -> str:
     """One line: the message without a leading ``"<kind>: "`` (no "ort-cuda: ort-cuda:"), cut to a length."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if text.startswith(f"{kind}: "):
-        text = text[len(kind) + 2:]
+    for prefix in (f"{kind}: ", "TensorRT cannot run here: "):  # "skipped tensorrt:" already says so
+        if text.startswith(prefix):
+            text = text[len(prefix):]
     if not isinstance(exc, BackendUnavailable):
         text = f"{type(exc).__name__}: {text}"
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."

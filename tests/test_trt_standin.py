@@ -392,7 +392,7 @@ def test_auto_falls_back_on_any_accelerator_failure_with_a_one_line_reason(env_f
     assert backend.name == "ort-cpu"
     assert backend.description.endswith("[auto; skipped tensorrt, ort-cuda]")
     reasons = {c.kind: c.reason for c in backend.auto_skipped}
-    assert expect in reasons["tensorrt"] and "\n" not in reasons["tensorrt"] and len(reasons["tensorrt"]) <= 200
+    assert expect in reasons["tensorrt"] and "\n" not in reasons["tensorrt"] and len(reasons["tensorrt"]) <= 240
     assert not reasons["ort-cuda"].startswith("ort-cuda:")  # no doubled "ort-cuda: ort-cuda:"
     backend.close()
     assert env.gpu.live() == 0  # the failed backend's memory was released
@@ -463,3 +463,94 @@ def test_install_hints_pin_tensorrt_and_name_jetpacks_package(env_factory):
     trt.__version__ = "12.0.0"
     with pytest.raises(TensorRTUnavailable, match="newer than pcedge supports"):
         device.import_tensorrt()
+
+
+@pytest.mark.parametrize("shape", ["11", "broken"])
+def test_pcedge_predict_auto_with_a_tensorrt_on_the_path_falls_back_in_one_line(tmp_path, shape):
+    """A separate process with a stand-in `tensorrt` importable from PYTHONPATH (an 11.x one, or one whose
+    CUDA does not start) and the real cuda-python: `pcedge predict` falls back to ONNX Runtime CPU."""
+    import os
+    import subprocess
+
+    root = with_fp16_graph(write_tiny_bundle(tmp_path / "tiny.pcedge"))
+    site = tmp_path / "site"
+    site.mkdir()
+    tests = Path(__file__).resolve().parent
+    gpu = "SimulatedGPU(cuda_starts=False)" if shape == "broken" else "SimulatedGPU()"
+    release = "11" if shape == "11" else "10.3"
+    (site / "tensorrt.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(tests)!r})\n"
+        "from trt_api.standin import SimulatedGPU, make_tensorrt\n"
+        f"sys.modules['tensorrt'] = make_tensorrt({release!r}, {gpu})\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    image = str(tests / "assets" / "coffee.png")
+    for verbose in ([], ["--verbose"]):
+        done = subprocess.run([sys.executable, "-m", "pcedge.cli", "predict", str(root), image, *verbose],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+        assert "ort-cpu" in done.stderr and "[auto; skipped tensorrt, ort-cuda]" in done.stderr
+        reasons = [line for line in done.stderr.splitlines() if "skipped tensorrt:" in line]
+        assert len(reasons) == (1 if verbose else 0)
+    # The reason names what failed: on this machine the real cuda-python has no driver (or, on a GPU host,
+    # TensorRT finds no engine built for it).
+    assert any(word in reasons[0] for word in ("CUDA cannot start", "no CUDA GPU", "no TensorRT engine"))
+
+
+@pytest.mark.parametrize("with_tensorrt", [True, False])
+def test_gpu_acceptance_script_builds_compares_verifies_and_times_or_reports_what_is_missing(
+        env_factory, tiny, tmp_path, monkeypatch, with_tensorrt):
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import gpu_acceptance
+    finally:
+        sys.path.pop(0)
+    env_factory("11")
+    if not with_tensorrt:
+        monkeypatch.setitem(sys.modules, "tensorrt", None)
+    _add_check_data(tiny)
+    before = (tiny / "manifest.json").read_bytes()
+    out = tmp_path / "report.json"
+    image = str(Path(__file__).parent / "assets" / "coffee.png")
+    code = gpu_acceptance.main([str(tiny), "--images", image, "--runs", "2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    steps = {s["name"]: s for s in report["steps"]}
+    assert (tiny / "manifest.json").read_bytes() == before  # the bundle itself is never modified
+    assert report["loadavg_start"] and report["versions"]["onnxruntime"]
+    assert steps["latency ort-cpu"]["ok"]
+    assert set(steps["latency ort-cpu"]["figures"]) >= {"batch1", "batch4", "batch8"}
+    if with_tensorrt:
+        assert code == 0 and report["device"]["key"] == "orin-16sm"
+        for precision in ("fp32", "fp16"):
+            assert steps[f"build {precision}"]["ok"], steps[f"build {precision}"]["detail"]
+            assert steps[f"compare tensorrt {precision}"]["figures"]["min_cosine"] > 0.999
+            assert steps[f"verify tensorrt {precision}"]["ok"], steps[f"verify tensorrt {precision}"]["detail"]
+            assert steps[f"latency tensorrt {precision}"]["ok"], steps[f"latency tensorrt {precision}"]["detail"]
+    else:
+        assert not any(name.startswith("build") for name in steps)
+        assert any("tensorrt is not importable" in line for line in report["missing"])
+
+
+def _add_check_data(root: Path) -> None:
+    """Reference data for `verify` in a tiny bundle: images, ONNX Runtime embeddings, exact image scores."""
+    from pcedge.runtime.index import ExactIndex
+    from pcedge.runtime.scoring import Scorer
+
+    bundle = open_bundle(root)
+    x = images(3, seed=7)
+    emb = reference(root, x)
+    bank = bundle.load_memory_bank()
+    exact = ExactIndex(bank)
+    scorer = Scorer(bank, exact, exact, bundle.manifest.scoring)
+    scores = np.array([scorer.image_score(emb[i], p).score for i, p in enumerate(scorer.patch_scores(emb))],
+                      dtype=np.float32)
+    (root / "check").mkdir()
+    for name, array in (("images", x), ("embeddings", emb), ("scores", scores)):
+        np.save(root / "check" / f"{name}.npy", array)
+    manifest = bundle.manifest
+    manifest.check.images, manifest.check.embeddings, manifest.check.scores = (
+        "check/images.npy", "check/embeddings.npy", "check/scores.npy")
+    manifest.check.names = ["a", "b", "c"]
+    bundle.update_manifest(manifest)

@@ -90,9 +90,9 @@ def _count_devices(cudart: ModuleType) -> int:
     if name == "cudaErrorInsufficientDriver":
         # cuda-python's runtime is newer than the driver (or there is no driver at all).
         raise TensorRTUnavailable(
-            f"CUDA cannot start: cudaErrorInsufficientDriver ({version_text(cudart)}). The NVIDIA driver is "
-            "missing or older than this cuda-python's CUDA runtime: install the cuda-python whose major.minor "
-            "matches the driver's CUDA (e.g. pip install 'cuda-python==12.6.*' on JetPack 6), or update the driver"
+            f"CUDA cannot start: cudaErrorInsufficientDriver ({version_text(cudart)}): no NVIDIA driver, or one "
+            "older than cuda-python; install the cuda-python of the driver's CUDA (JetPack 6: "
+            "'cuda-python==12.6.*') or update the driver"
         )
     if name == "cudaErrorNoDevice":
         raise TensorRTUnavailable("no CUDA GPU (cudaGetDeviceCount: cudaErrorNoDevice)")
