@@ -46,7 +46,7 @@ def default_threads() -> int:
 
 
 ORT_MISSING = ("neither onnxruntime nor onnxruntime-gpu is installed: pip install 'pcedge[cpu]' "
-               "(or 'pcedge[gpu]' on a GPU device; see README, Install)")
+               "(or 'pcedge[gpu]' on a GPU device; see README, GPU)")
 
 
 def import_onnxruntime():
@@ -274,4 +274,8 @@ def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precisio
         backend.auto_skipped = skipped
         backend.description += f" [auto; skipped {', '.join(c.kind for c in skipped)}]" if skipped else " [auto]"
         return backend
-    raise BackendUnavailable("no backend could run: " + "; ".join(f"{c.kind}: {c.reason}" for c in skipped))
+    grouped: dict[str, list[str]] = {}  # one reason shared by several backends is said once
+    for choice in skipped:
+        grouped.setdefault(choice.reason, []).append(choice.kind)
+    raise BackendUnavailable("no backend could run: " + "; ".join(f"{', '.join(kinds)}: {reason}"
+                                                                  for reason, kinds in grouped.items()))
