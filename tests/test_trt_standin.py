@@ -20,7 +20,6 @@ from pcedge.runtime.bundle import MODEL_FP16_FILE, Bundle, open_bundle
 from pcedge.runtime.errors import BackendUnavailable, TensorRTUnavailable
 from pcedge.runtime.tensorrt import build, device, engines
 from pcedge.runtime.tensorrt.backend import TensorRTBackend
-from pcedge.runtime.tensorrt.cuda import CudaError
 from test_engines import write_tiny_bundle
 from trt_api.standin import FakeCudart, SimulatedGPU, load_api, make_tensorrt
 
@@ -554,3 +553,9 @@ def _add_check_data(root: Path) -> None:
         "check/images.npy", "check/embeddings.npy", "check/scores.npy")
     manifest.check.names = ["a", "b", "c"]
     bundle.update_manifest(manifest)
+
+
+def test_ort_cuda_fp16_needs_the_float16_graph(tmp_path):
+    old = open_bundle(write_tiny_bundle(tmp_path / "old.pcedge"))
+    with pytest.raises(BackendUnavailable, match="no float16 graph"):
+        open_backend("ort-cuda", old, precision="fp16")

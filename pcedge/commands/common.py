@@ -16,7 +16,8 @@ def add_detector_arguments(parser: argparse.ArgumentParser, index: bool = True) 
         parser.add_argument("--ef", type=int, default=None, help="HNSW query ef (default: the bundle's)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default=None,
-                        help="TensorRT engine precision to prefer")
+                        help="TensorRT engine precision to prefer; with --backend ort-cuda, fp16 runs the bundle's "
+                             "float16 graph (model_fp16.onnx)")
     parser.add_argument("--verbose", action="store_true",
                         help="say why each better backend was skipped under --backend auto")
 

@@ -82,7 +82,6 @@ def _members(chain: str, entry: dict) -> None:
         except (ValueError, IndexError):
             continue
         inner = body[1:-1].strip()
-        # Only members of this chain's top level: skip ones nested inside an earlier member's parentheses.
         if kind == "value":
             name = re.match(r"\"(\w+)\"", inner)
             if name:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import importlib
 import inspect
-import io
 import json
 import threading
 import types
