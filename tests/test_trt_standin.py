@@ -201,6 +201,18 @@ def test_fp16_on_11x_without_the_fp16_graph_is_a_clear_error(env_factory, tmp_pa
     assert build_plan(root, "fp32").is_file()
 
 
+def test_build_engine_auto_precision_on_11x_without_the_fp16_graph_builds_fp32_and_says_why(env_factory, tmp_path,
+                                                                                             capsys):
+    env_factory("11")
+    root = write_tiny_bundle(tmp_path / "old.pcedge")
+    assert _run_build_engine([str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "precision   fp32 (auto: Orin sm87 has fast FP16, but TensorRT 11.1.0.0 needs the bundle's float16" in out
+    assert open_bundle(root).manifest.engines[0].precision == "fp32"
+    assert _run_build_engine([str(root), "--precision", "fp16"]) == 1  # an explicit request: the clear error
+    assert "float16 graph" in capsys.readouterr().err
+
+
 def test_fp16_is_refused_on_a_gpu_without_fast_fp16(env_factory, tiny):
     env_factory("10.3", sm="sm61", name="GeForce GTX 1080")
     assert device.probe_device().fast_fp16 is False

@@ -46,7 +46,7 @@ def _input_chw(shape: list, where: str) -> tuple[int, int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from pcedge.runtime.tensorrt.build import TensorRTBuildError, build_engine
-    from pcedge.runtime.tensorrt.device import probe_device
+    from pcedge.runtime.tensorrt.device import probe_device, trt_major
     from pcedge.runtime.tensorrt.engines import engine_filename, record_engine
 
     try:
@@ -67,8 +67,13 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision
     if precision == "auto":
         precision = "fp16" if device.fast_fp16 else "fp32"
-        why = "has" if device.fast_fp16 else "has no"
-        print(f"precision   {precision} (auto: {device.name} {device.sm} {why} fast FP16)")
+        why = f"{device.name} {device.sm} {'has' if device.fast_fp16 else 'has no'} fast FP16"
+        fp16_graph = bundle.fp16_model_path
+        if precision == "fp16" and trt_major(device.trt_version) >= 11 and not (fp16_graph and fp16_graph.is_file()):
+            # TensorRT 11 builds FP16 only from the float16 graph, which bundles from older exports lack.
+            precision = "fp32"
+            why += f", but TensorRT {device.trt_version} needs the bundle's float16 graph and it has none (re-export)"
+        print(f"precision   {precision} (auto: {why})")
     opt_batch = args.opt_batch if args.opt_batch is not None else bundle.manifest.input.opt_batch
     max_batch = args.max_batch if args.max_batch is not None else bundle.manifest.input.max_batch
     opt_batch = min(max(opt_batch, args.min_batch), max_batch) if args.opt_batch is None else opt_batch
