@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[export,test]'
+	$(BIN)/pip install --quiet -e '.[cpu,export,test]'
 	touch $@
 
 .PHONY: demo test install clean

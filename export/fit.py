@@ -23,6 +23,7 @@ from pcedge.runtime.bundle import (
     INDEX_FILE,
     MEMORY_BANK_FILE,
     MODEL_FILE,
+    MODEL_FP16_FILE,
     BundleWriter,
     check_outside_inputs,
     check_replaceable,
@@ -45,6 +46,7 @@ from .backbones import build_backbone
 from .calibration import calibrate_threshold
 from .coreset import coverage_radius, greedy_coreset, resolve_count
 from .embedder import PatchEmbedder
+from .fp16_graph import fp16_parity, write_fp16_graph
 from .onnx_export import assert_parity, check_parity, export_onnx
 
 log = logging.getLogger("pcedge.export")
@@ -244,6 +246,10 @@ def export_bundle(config: ExportConfig) -> ExportReport:
         parity_inputs = to_tensor(val_images[: config.n_check] + load_images(train_kept[:4], geometry, [])[0])
         parity = check_parity(embedder, model_path, parity_inputs)
         assert_parity(parity)  # refuses to write the bundle beyond 1e-3 relative error
+        # The float16 graph for TensorRT 11's strongly typed FP16 engines and ORT CUDA fp16, with its own
+        # parity against the float32 graph on the same images.
+        write_fp16_graph(model_path, writer.path(MODEL_FP16_FILE))
+        parity16 = fp16_parity(model_path, writer.path(MODEL_FP16_FILE), parity_inputs)
         seconds["onnx"] = time.perf_counter() - t
 
         # ---- the index over the coreset
@@ -292,6 +298,7 @@ def export_bundle(config: ExportConfig) -> ExportReport:
                 backbone=config.backbone, weights=backbone.weights_source, layers=list(backbone.layers),
                 layer_channels=list(backbone.channels), layer_strides=list(backbone.strides),
                 projection_dim=config.projection_dim, opset=config.opset, parity=parity,
+                fp16_file=MODEL_FP16_FILE, fp16_parity=parity16,
             ),
             memory_bank=MemoryBankSpec(
                 n=bank.shape[0], dim=bank.shape[1], n_features_total=n_total, n_train_images=len(train_kept),

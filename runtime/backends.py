@@ -45,18 +45,36 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+ORT_MISSING = ("neither onnxruntime nor onnxruntime-gpu is installed: pip install 'pcedge[cpu]' "
+               "(or 'pcedge[gpu]' on a GPU device; see README, GPU)")
+
+
+def import_onnxruntime():
+    """The ``onnxruntime`` module (from either wheel), or :class:`BackendUnavailable` saying how to get it."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise BackendUnavailable(f"{ORT_MISSING} ({exc})") from exc
+    return ort
+
+
 class OrtBackend:
-    """ONNX Runtime session on one execution provider (CPU, CUDA or TensorRT-EP)."""
+    """ONNX Runtime session on one execution provider (CPU, CUDA or TensorRT-EP).
+
+    ``max_batch`` (when given) splits larger batches into chunks, for the TensorRT EP's fixed profile.
+    ``precision`` says what the graph computes in ("fp16" for the bundle's float16 graph or the TensorRT
+    EP's FP16 mode), for the acceptance checks' tolerances.
+    """
 
     def __init__(self, model_path: Path, kind: str = "ort-cpu", threads: int | None = None,
-                 provider_options: dict | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:  # pragma: no cover - a base dependency
-            raise BackendUnavailable(f"{kind}: onnxruntime is not installed ({exc})") from exc
+                 provider_options: dict | None = None, *, max_batch: int | None = None, precision: str = "fp32"):
+        ort = import_onnxruntime()
+        self.session = None
+        self.max_batch = max_batch
+        self.precision = precision
         provider = _ORT_PROVIDER[kind]
         if provider not in ort.get_available_providers():
-            hint = "install onnxruntime-gpu (see README, GPU)" if kind != "ort-cpu" else ""
+            hint = "install onnxruntime-gpu: pip install 'pcedge[gpu]' (see README, GPU)" if kind != "ort-cpu" else ""
             raise BackendUnavailable(
                 f"{kind}: this onnxruntime build has no {provider} "
                 f"(available: {', '.join(ort.get_available_providers())}); {hint}".rstrip("; ")
@@ -87,16 +105,24 @@ class OrtBackend:
         if used[0] != provider:
             # onnxruntime-gpu registers CUDA even without a GPU and then quietly runs on the CPU.
             self.close()
-            raise BackendUnavailable(f"{provider} did not initialise (no usable GPU?); session used {used}")
+            raise BackendUnavailable(f"{kind}: {provider} did not initialise (no usable GPU?); session used {used}")
         self.name = kind
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.threads = options.intra_op_num_threads
-        self.description = f"{kind} (onnxruntime {ort.__version__}, {provider}, {self.threads} threads)"
+        graph = "" if precision == "fp32" else f", {precision}"
+        self.description = f"{kind} (onnxruntime {ort.__version__}, {provider}{graph}, {self.threads} threads)"
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        """``[B, 3, H, W]`` float32 -> ``[B, h*w, D]`` float32; batches above ``max_batch`` are split."""
+        if self.session is None:
+            raise RuntimeError(f"{self.name}: backend is closed")
         images = np.ascontiguousarray(images, dtype=np.float32)
-        return self.session.run([self.output_name], {self.input_name: images})[0]
+        step = self.max_batch or max(1, images.shape[0])
+        if images.shape[0] <= step:
+            return self.session.run([self.output_name], {self.input_name: images})[0]
+        return np.concatenate([self.session.run([self.output_name], {self.input_name: images[i:i + step]})[0]
+                               for i in range(0, images.shape[0], step)])
 
     def close(self) -> None:
         self.session = None
@@ -104,64 +130,152 @@ class OrtBackend:
 
 @dataclass
 class BackendChoice:
-    """What ``auto`` tried, for the message that says which backend runs and why."""
+    """A backend ``auto`` passed over and why (one short line)."""
 
     kind: str
     reason: str
 
 
+#: Longest reason ``auto`` keeps per skipped backend; the full text goes to the exception chain.
+REASON_CHARS = 240
+
+
+def _short_reason(kind: str, exc: BaseException) -> str:
+    """One line: the message without a leading ``"<kind>: "`` (no "ort-cuda: ort-cuda:"), cut to a length."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    for prefix in (f"{kind}: ", "TensorRT cannot run here: "):  # "skipped tensorrt:" already says so
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    if not isinstance(exc, BackendUnavailable):
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
+
+
 def _open_tensorrt(bundle: Bundle, precision: str | None) -> "Backend":
-    from .tensorrt.device import probe_device  # lazy: imports nothing heavy until called
-    from .tensorrt.engines import select_engine
     from .errors import TensorRTUnavailable
+    from .tensorrt.device import probe_device  # lazy: imports nothing heavy until called
+    from .tensorrt.engines import choose_engine
 
     device = probe_device()
-    spec = select_engine(bundle.manifest, device, precision)
+    spec, skipped = choose_engine(bundle.manifest, device, precision)
     if spec is None:
+        why = f"; skipped {'; '.join(skipped)}" if skipped else ""
         raise TensorRTUnavailable(
-            f"no TensorRT engine in {bundle.root} for this device ({device.name}, {device.sm}, "
-            f"TensorRT {device.trt_version}); run `pcedge build-engine {bundle.root}` on this device"
+            f"no TensorRT engine in {bundle.root} for this device ({device.key}, {device.sm}, "
+            f"TensorRT {device.trt_version}){why}; run `pcedge build-engine {bundle.root}` on this device"
         )
     from .tensorrt.backend import TensorRTBackend
 
-    return TensorRTBackend(
+    backend = TensorRTBackend(
         bundle.root / spec.file,
         input_name=bundle.manifest.input.name,
         output_name=bundle.manifest.output.name,
+        precision=spec.precision,
+        zero_copy=device.integrated,
+        allow_host_code=spec.version_compatible,
     )
+    backend.skipped_engines = skipped
+    return backend
+
+
+def _ort_trt_cache_key() -> str:
+    """Device and TensorRT version for the ONNX Runtime TensorRT-EP cache folder (best effort)."""
+    from .tensorrt.device import import_tensorrt, probe_cuda_device
+    from .tensorrt.ort_provider import ort_trt_cache_key
+
+    try:
+        device = probe_cuda_device()
+        sm, key = device.sm, device.key
+    except BackendUnavailable:
+        sm, key = "sm00", "unknown-device"
+    try:
+        version = import_tensorrt().__version__
+    except BackendUnavailable:
+        version = "unknown"
+    return ort_trt_cache_key(sm, key, version)
+
+
+def _open_one(kind: str, bundle: Bundle, threads: int | None, precision: str | None) -> Backend:
+    manifest = bundle.manifest
+    if kind == "tensorrt":
+        return _open_tensorrt(bundle, precision)
+    if kind == "ort-trt":
+        from .tensorrt.ort_provider import ort_trt_cache_dir, ort_trt_provider_options
+
+        fp16 = precision != "fp32"
+        options = ort_trt_provider_options(bundle.root, fp16=fp16,
+                                           cache_dir=ort_trt_cache_dir(bundle.root, _ort_trt_cache_key()))
+        return OrtBackend(bundle.model_path, kind, threads, options, max_batch=manifest.input.max_batch,
+                          precision="fp16" if fp16 else "fp32")
+    if kind == "ort-cuda" and precision == "fp16":
+        fp16_graph = bundle.fp16_model_path
+        if fp16_graph is None or not fp16_graph.is_file():
+            raise BackendUnavailable(f"ort-cuda: fp16 requested, but {bundle.root} has no float16 graph "
+                                     "(re-export the bundle with this pcedge, or use --precision fp32)")
+        return OrtBackend(fp16_graph, kind, threads, precision="fp16")
+    return OrtBackend(bundle.model_path, kind, threads)
+
+
+def _warm_up(backend: Backend, bundle: Bundle) -> None:
+    """One inference on the bundle's first check image (zeros if it stores none); checks the output shape."""
+    m = bundle.manifest
+    arrays = bundle.load_check_arrays()
+    if arrays is not None:
+        images = np.ascontiguousarray(arrays[0][:1], dtype=np.float32)
+    else:
+        images = np.zeros((1, *m.input.shape[1:]), dtype=np.float32)
+    out = np.asarray(backend(images))
+    want = (1, m.output.grid_h * m.output.grid_w, m.output.dim)
+    if out.shape != want:
+        raise ValueError(f"first inference returned shape {list(out.shape)}, expected {list(want)}")
+    if not np.isfinite(out).all():
+        raise ValueError("first inference returned NaN or infinite values")
 
 
 def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precision: str | None = None) -> Backend:
     """Open backend ``kind`` (one of :data:`BACKENDS`) for ``bundle``; ``auto`` tries them best-first.
 
-    The returned backend's ``description`` says which one runs and, under ``auto``, why the better ones
-    were passed over.
+    An explicit ``kind`` that cannot run raises :class:`BackendUnavailable` (whatever failed inside: a
+    CUDA error, TensorRT's ``TypeError`` for a CUDA that did not start, an engine with unexpected tensors).
+    ``auto`` opens each candidate and runs one warm-up inference on the bundle's check image; any failure
+    moves on to the next one. The returned backend's ``description`` is one line naming it (and under
+    ``auto`` which better ones were skipped); ``auto_skipped`` lists a :class:`BackendChoice` per skipped
+    backend with the one-line reason (``--verbose`` prints them).
     """
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")
-    model = bundle.model_path
-    if kind == "tensorrt":
-        return _open_tensorrt(bundle, precision)
-    if kind == "ort-trt":
-        from .bundle import ORT_TRT_CACHE_DIR
-        from .tensorrt.ort_provider import ort_trt_provider_options
-
-        (bundle.root / ORT_TRT_CACHE_DIR).mkdir(parents=True, exist_ok=True)
-        return OrtBackend(model, kind, threads, ort_trt_provider_options(bundle.root, fp16=precision != "fp32"))
-    if kind in ("ort-cuda", "ort-cpu"):
-        return OrtBackend(model, kind, threads)
+    if precision is not None and precision not in ("fp32", "fp16"):
+        raise ValueError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if kind != "auto":
+        try:
+            backend = _open_one(kind, bundle, threads, precision)
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # a broken accelerator: a clear error, never a traceback
+            raise BackendUnavailable(f"{kind}: {_short_reason(kind, exc)}") from exc
+        backend.auto_skipped = []
+        return backend
     skipped: list[BackendChoice] = []
     for candidate in ("tensorrt", "ort-cuda", "ort-cpu"):
         # ort-trt is not tried under auto: it compiles an engine on first use (minutes on a Jetson);
         # the native TensorRT engine, built once with `pcedge build-engine`, is the fast path.
+        backend = None
         try:
-            backend = open_backend(candidate, bundle, threads, precision)
-        except BackendUnavailable as exc:
-            skipped.append(BackendChoice(candidate, str(exc)))
+            backend = _open_one(candidate, bundle, threads, precision if candidate == "tensorrt" else None)
+            _warm_up(backend, bundle)
+        except Exception as exc:  # anything a broken accelerator raises: move on, say why in one line
+            skipped.append(BackendChoice(candidate, _short_reason(candidate, exc)))
+            if backend is not None:
+                try:
+                    backend.close()
+                except Exception:  # the reason above is what matters; a failed cleanup adds nothing
+                    pass
             continue
-        if skipped:
-            backend.description += " [auto; skipped " + "; ".join(f"{c.kind}: {c.reason}" for c in skipped) + "]"
-        else:
-            backend.description += " [auto]"
+        backend.auto_skipped = skipped
+        backend.description += f" [auto; skipped {', '.join(c.kind for c in skipped)}]" if skipped else " [auto]"
         return backend
-    raise BackendUnavailable("no backend could run: " + "; ".join(f"{c.kind}: {c.reason}" for c in skipped))
+    grouped: dict[str, list[str]] = {}  # one reason shared by several backends is said once
+    for choice in skipped:
+        grouped.setdefault(choice.reason, []).append(choice.kind)
+    raise BackendUnavailable("no backend could run: " + "; ".join(f"{', '.join(kinds)}: {reason}"
+                                                                  for reason, kinds in grouped.items()))

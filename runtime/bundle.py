@@ -46,6 +46,7 @@ SCHEMA_VERSION = 1
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+MODEL_FP16_FILE = "model_fp16.onnx"  # float16 compute, float32 I/O (TensorRT 11 FP16, ORT CUDA fp16)
 MEMORY_BANK_FILE = "memory_bank.npy"
 INDEX_FILE = "index.hnsw"
 CHECK_DIR = "check"
@@ -89,6 +90,10 @@ class InputSpec:
     geometry: Geometry = field(default_factory=Geometry)
     # The backbone's own normalisation happens inside the graph; this says which one.
     normalisation: str = "in graph"
+    # The batch range device engines are built for by default (`pcedge build-engine`, the ONNX Runtime
+    # TensorRT-EP profile); larger batches are split into chunks of max_batch.
+    opt_batch: int = 1
+    max_batch: int = 8
 
 
 @dataclass
@@ -124,6 +129,10 @@ class ModelSpec:
     projection_dim: int | None = None  # None: no projection (D = sum of layer channels)
     opset: int = 18
     parity: ParityReport = field(default_factory=ParityReport)
+    # The same graph computing in float16 with float32 inputs and outputs (TensorRT 11's strongly typed
+    # FP16 engines, ONNX Runtime CUDA fp16); None when the bundle has none. Its parity is against model.onnx.
+    fp16_file: str | None = None
+    fp16_parity: ParityReport = field(default_factory=ParityReport)
 
 
 @dataclass
@@ -191,11 +200,11 @@ class CheckSpec:
 
 @dataclass
 class EngineSpec:
-    """A TensorRT plan built on a device (``engines/<sm>-trt<major.minor>-<precision>.engine``)."""
+    """A TensorRT plan built on a device (``engines/<sm>-<device>-trt<version>-<precision>[-hc][-vc].engine``)."""
 
     file: str = ""
     sm: str = ""  # compute capability, e.g. "sm87"
-    trt_version: str = ""
+    trt_version: str = ""  # the exact tensorrt.__version__ that built it
     precision: str = "fp32"
     min_batch: int = 1
     opt_batch: int = 1
@@ -203,6 +212,9 @@ class EngineSpec:
     built_at: str = ""
     device_name: str = ""
     workspace_mb: int = 0
+    device_key: str = ""  # name slug and SM count, e.g. "orin-16sm" (runtime.tensorrt.engines.device_key)
+    hardware_compat: str = "none"  # TensorRT HardwareCompatibilityLevel: none | ampere_plus | same_compute_capability
+    version_compatible: bool = False  # BuilderFlag.VERSION_COMPATIBLE: runs on later TensorRT of the same major
 
 
 @dataclass
@@ -302,6 +314,12 @@ class Bundle:
     @property
     def model_path(self) -> Path:
         return self.root / self.manifest.model.file
+
+    @property
+    def fp16_model_path(self) -> Path | None:
+        """The float16 graph (float32 inputs and outputs) beside model.onnx, or None if the bundle has none."""
+        rel = self.manifest.model.fp16_file
+        return self.root / rel if rel else None
 
     @property
     def memory_bank_path(self) -> Path:

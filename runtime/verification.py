@@ -8,10 +8,11 @@ the worst relative image-score error of HNSW (with the exact re-scoring pass) ag
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from .backends import open_backend
+from .backends import Backend, open_backend
 from .bundle import BundleError, open_bundle
 from .errors import BackendUnavailable
 from .hnsw_format import HnswFormatError, validate_hnsw_file
@@ -44,9 +45,11 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precision: str | None,
-               ef: int | None, trust=None) -> tuple[list[Check], str]:
-    """Every check as a :class:`Check` (PASS/FAIL with figures); a check that cannot run is a FAIL naming
-    the file, and the checks after it that depend on it are not run. Never raises for a bad bundle."""
+               ef: int | None, trust=None, on_open: Callable[[Backend], None] | None = None) -> tuple[list[Check], str]:
+    """Every check as a :class:`Check` (PASS/FAIL with figures): ``(checks, backend description)``. A check that
+    cannot run is a FAIL naming the file, and the checks after it that depend on it are not run. Never raises
+    for a bad bundle. ``on_open`` is called with the backend once it is open (the command prints what ``auto``
+    skipped)."""
     checks: list[Check] = []
     try:
         bundle = open_bundle(bundle_path, verify=True, trust=trust)
@@ -88,17 +91,23 @@ def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precisi
         checks.append(Check(f"backend {backend_kind}", False, f"{bundle.model_path}: cannot be loaded ({type(exc).__name__}: {exc})"))
         return checks, ""
     description = backend.description
+    if on_open is not None:
+        on_open(backend)
     try:
         emb = np.concatenate([backend(images[i : i + 1]) for i in range(images.shape[0])])
-    except Exception as exc:  # as above: a graph that loads but cannot run the stored images
-        checks.append(Check(f"backend {backend_kind}", False, f"{bundle.model_path}: failed on the reference images ({type(exc).__name__}: {exc})"))
+    except Exception as exc:  # a graph that loads but cannot run the stored images: FAIL with the reason
+        checks.append(Check(f"backend {backend_kind}", False, f"{description}: inference failed on the reference "
+                            f"images of {bundle.model_path} ({type(exc).__name__}: {exc})"))
         return checks, description
     finally:
-        backend.close()
+        try:
+            backend.close()
+        except Exception:  # a failed cleanup must not hide the checks' outcome
+            pass
     if emb.shape != ref_emb.shape:
         checks.append(Check("embeddings", False, f"{bundle.model_path}: output {list(emb.shape)}, reference {list(ref_emb.shape)}"))
         return checks, description
-    prec = getattr(backend, "precision", "fp16" if backend_kind == "ort-trt" and precision != "fp32" else "fp32")
+    prec = getattr(backend, "precision", "fp32")
     rel = float(np.abs(emb - ref_emb).max() / max(np.abs(ref_emb).max(), 1e-30))
     cos = float(_cosines(emb, ref_emb).min())
     scores = image_scores(exact_scorer, emb)

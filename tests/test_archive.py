@@ -22,7 +22,7 @@ from pcedge.runtime.bundle import BundleError, EngineSpec, open_bundle
 def bundle_with_engine(tmp_path) -> Path:
     """A tiny real bundle that also holds a recorded (fake-content) TensorRT plan."""
     root = write_tiny_bundle(tmp_path / "tiny.pcedge")
-    rel = engines.engine_filename("sm87", "10.3.0", "fp16")
+    rel = "engines/sm87-trt10.3-fp16.engine"  # any recorded plan file; its name is not parsed here
     (root / rel).parent.mkdir()
     (root / rel).write_bytes(b"plan built on an Orin")
     engines.record_engine(open_bundle(root), EngineSpec(file=rel, sm="sm87", trt_version="10.3.0", precision="fp16"))

@@ -21,7 +21,8 @@ from pcedge.runtime.bundle import (
 )
 from pcedge.runtime.errors import BackendUnavailable, TensorRTUnavailable
 
-ORIN = engines.DeviceInfo(sm="sm87", name="Orin", trt_version="10.3.0.30", fast_fp16=True)
+ORIN = engines.DeviceInfo(sm="sm87", name="Orin", trt_version="10.3.0.30", fast_fp16=True, integrated=True,
+                        multiprocessors=16)
 
 
 def write_tiny_bundle(target: Path) -> Path:
@@ -73,42 +74,78 @@ def without_cuda_python(monkeypatch):
 # ---------------------------------------------------------------------------------------------- naming
 
 
-def test_engine_filename_encodes_sm_trt_major_minor_and_precision():
-    assert engines.engine_filename("sm87", "10.3.0.30", "fp16") == "engines/sm87-trt10.3-fp16.engine"
-    assert engines.engine_filename("sm72", "10.12.1", "fp32") == "engines/sm72-trt10.12-fp32.engine"
-    assert engines.precision_from_filename("bundle/engines/sm87-trt10.3-fp16.engine") == "fp16"
+def test_engine_filename_encodes_sm_device_exact_trt_and_precision():
+    assert engines.engine_filename(ORIN, "fp16") == "engines/sm87-orin-16sm-trt10.3.0.30-fp16.engine"
+    rtx = engines.DeviceInfo("sm86", "NVIDIA GeForce RTX 3060", "10.12.1", True, False, 28)
+    assert engines.engine_filename(rtx, "fp32", "ampere_plus", True) == \
+        "engines/sm86-nvidia-geforce-rtx-3060-28sm-trt10.12.1-fp32-hc-vc.engine"
+    assert engines.precision_from_filename("bundle/engines/sm87-orin-16sm-trt10.3.0.30-fp16.engine") == "fp16"
+    assert engines.precision_from_filename("bundle/engines/sm86-x-1sm-trt10.12.1-fp32-hc-vc.engine") == "fp32"
     assert engines.precision_from_filename("my.plan") is None
 
 
-@pytest.mark.parametrize("sm, version, precision", [("87", "10.3", "fp16"), ("sm87", "ten", "fp16"), ("sm87", "10.3", "int8")])
-def test_engine_filename_rejects_malformed_parts(sm, version, precision):
+@pytest.mark.parametrize("sm, version, precision, compat", [("87", "10.3", "fp16", "none"), ("sm87", "ten", "fp16", "none"),
+                                                            ("sm87", "10.3", "int8", "none"),
+                                                            ("sm87", "10.3", "fp16", "turing_plus")])
+def test_engine_filename_rejects_malformed_parts(sm, version, precision, compat):
     with pytest.raises(ValueError):
-        engines.engine_filename(sm, version, precision)
+        engines.engine_filename(engines.DeviceInfo(sm, "Orin", version, True, True, 16), precision, compat)
 
 
 # ---------------------------------------------------------------------------------------------- selection
 
 
-def _manifest_with(*specs: tuple[str, str, str]) -> Manifest:
-    return Manifest(engines=[EngineSpec(file=engines.engine_filename(sm, v, p), sm=sm, trt_version=v, precision=p)
-                             for sm, v, p in specs])
+def _spec(device: engines.DeviceInfo, precision: str, **flags) -> EngineSpec:
+    return EngineSpec(file=engines.engine_filename(device, precision, flags.get("hardware_compat", "none"),
+                                                   flags.get("version_compatible", False)),
+                      sm=device.sm, trt_version=device.trt_version, precision=precision, device_key=device.key, **flags)
 
 
-def test_select_prefers_fp16_among_engines_for_this_sm_and_trt():
-    manifest = _manifest_with(("sm87", "10.3.0.30", "fp32"), ("sm87", "10.3.0.26", "fp16"), ("sm87", "10.4.0", "fp16"),
-                              ("sm72", "10.3.0", "fp16"))
+def _device(**changes) -> engines.DeviceInfo:
+    values = dict(sm="sm87", name="Orin", trt_version="10.3.0.30", fast_fp16=True, integrated=True, multiprocessors=16)
+    values.update(changes)
+    return engines.DeviceInfo(**values)
+
+
+def test_select_prefers_fp16_among_engines_for_exactly_this_device_and_trt():
+    manifest = Manifest(engines=[_spec(ORIN, "fp32"), _spec(ORIN, "fp16"), _spec(_device(trt_version="10.3.0.26"), "fp16"),
+                                 _spec(_device(sm="sm72"), "fp16")])
     chosen = engines.select_engine(manifest, ORIN)
-    assert (chosen.sm, chosen.trt_version, chosen.precision) == ("sm87", "10.3.0.26", "fp16")
+    assert (chosen.sm, chosen.trt_version, chosen.precision) == ("sm87", "10.3.0.30", "fp16")
     assert engines.select_engine(manifest, ORIN, "fp32").precision == "fp32"
 
 
-def test_select_returns_none_for_another_gpu_or_trt_or_missing_precision():
-    manifest = _manifest_with(("sm87", "10.3.0", "fp32"))
-    assert engines.select_engine(manifest, engines.DeviceInfo("sm86", "RTX 3060", "10.3.0", True)) is None
-    assert engines.select_engine(manifest, engines.DeviceInfo("sm87", "Orin", "10.4.1", True)) is None
+def test_select_skips_another_gpu_model_version_or_precision_and_says_why():
+    manifest = Manifest(engines=[_spec(ORIN, "fp32")])
+    cases = {
+        "built for sm87, this GPU is sm86": _device(sm="sm86", name="RTX 3060"),
+        "built with TensorRT 10.3.0.30, this device has 10.3.0.31": _device(trt_version="10.3.0.31"),
+        "built on device orin-16sm, this is orin-8sm": _device(multiprocessors=8),  # Orin Nano: also sm87
+    }
+    for why, other in cases.items():
+        chosen, skipped = engines.choose_engine(manifest, other)
+        assert chosen is None and skipped[0].startswith(f"{manifest.engines[0].file}: {why}")
     # An explicit precision is never swapped for another one.
     assert engines.select_engine(manifest, ORIN, "fp16") is None
     assert engines.select_engine(Manifest(), ORIN) is None
+    # An entry from an older pcedge (no device key) is not trusted on any device.
+    legacy = Manifest(engines=[EngineSpec(file="engines/sm87-trt10.3-fp16.engine", sm="sm87", trt_version="10.3.0.30",
+                                          precision="fp16")])
+    assert "not recorded" in engines.choose_engine(legacy, ORIN)[1][0]
+
+
+def test_compatible_engines_match_across_devices_and_later_versions():
+    hc = _spec(_device(sm="sm86", name="RTX A2000", multiprocessors=26), "fp16", hardware_compat="ampere_plus")
+    vc = _spec(_device(trt_version="10.3.0.26"), "fp32", version_compatible=True)
+    manifest = Manifest(engines=[hc, vc])
+    assert engines.select_engine(manifest, ORIN).file == hc.file  # fp16 first
+    assert engines.select_engine(manifest, ORIN, "fp32").file == vc.file  # 10.3.0.26 plan on 10.3.0.30
+    assert engines.engine_mismatch(vc, _device(trt_version="10.2.0")) is not None  # older runtime
+    assert engines.engine_mismatch(vc, _device(trt_version="11.0.0")) is not None  # another major
+    assert "Ampere" in engines.engine_mismatch(hc, _device(sm="sm75"))
+    # A plan built for exactly this device wins over a compatible one of the same precision.
+    exact = _spec(ORIN, "fp16")
+    assert engines.select_engine(Manifest(engines=[hc, exact]), ORIN).file == exact.file
 
 
 # ---------------------------------------------------------------------------------------------- recording
@@ -116,7 +153,7 @@ def test_select_returns_none_for_another_gpu_or_trt_or_missing_precision():
 
 def test_record_engine_updates_manifest_and_checksums(tiny_bundle):
     bundle = open_bundle(tiny_bundle)
-    rel = engines.engine_filename("sm87", "10.3.0", "fp16")
+    rel = engines.engine_filename(ORIN, "fp16")
     plan = tiny_bundle / rel
     plan.parent.mkdir()
     plan.write_bytes(b"serialized plan bytes")
@@ -148,19 +185,48 @@ def test_record_engine_refuses_a_missing_plan(tiny_bundle):
 # ---------------------------------------------------------------------------------------------- ORT TensorRT EP
 
 
-def test_ort_trt_provider_options_cache_in_bundle_and_profile_from_manifest(tiny_bundle):
-    options = ort_provider.ort_trt_provider_options(tiny_bundle, fp16=True, max_batch=4)
-    cache = str(tiny_bundle / "engines" / "ort-trt")
+def test_ort_trt_provider_options_cache_keyed_by_device_and_profile_from_the_bundle(tiny_bundle):
+    key = ort_provider.ort_trt_cache_key("sm87", "orin-16sm", "10.3.0.30")
+    assert key == "sm87-orin-16sm-trt10.3.0.30"
+    cache = ort_provider.ort_trt_cache_dir(tiny_bundle, key)
+    assert cache == tiny_bundle / "engines" / "ort-trt" / key and cache.is_dir()
+    options = ort_provider.ort_trt_provider_options(tiny_bundle, fp16=True, cache_dir=cache)
     assert options["trt_fp16_enable"] is True
-    assert options["trt_engine_cache_enable"] is True and options["trt_engine_cache_path"] == cache
-    assert options["trt_timing_cache_enable"] is True and options["trt_timing_cache_path"] == cache
+    assert options["trt_engine_cache_enable"] is True and options["trt_engine_cache_path"] == str(cache)
+    assert options["trt_timing_cache_enable"] is True and options["trt_timing_cache_path"] == str(cache)
     assert options["trt_max_workspace_size"] == 1024 << 20
+    # The profile comes from the bundle's input.opt_batch / input.max_batch (1 and 8 by default).
     assert options["trt_profile_min_shapes"] == "images:1x3x16x16"
     assert options["trt_profile_opt_shapes"] == "images:1x3x16x16"
-    assert options["trt_profile_max_shapes"] == "images:4x3x16x16"
-    assert ort_provider.ort_trt_provider_options(tiny_bundle, fp16=False)["trt_fp16_enable"] is False
-    with pytest.raises(ValueError):
-        ort_provider.ort_trt_provider_options(tiny_bundle, fp16=True, min_batch=4, max_batch=2)
+    assert options["trt_profile_max_shapes"] == "images:8x3x16x16"
+    bundle = open_bundle(tiny_bundle)
+    manifest = bundle.manifest
+    manifest.input.max_batch, manifest.input.opt_batch = 16, 4
+    bundle.update_manifest(manifest)
+    options = ort_provider.ort_trt_provider_options(tiny_bundle, fp16=False, cache_dir=cache)
+    assert options["trt_profile_max_shapes"] == "images:16x3x16x16" and options["trt_fp16_enable"] is False
+    assert options["trt_profile_opt_shapes"] == "images:4x3x16x16"
+    assert open_bundle(tiny_bundle).manifest.files  # the cache folder is not checksummed
+    with pytest.raises(ValueError, match="min_batch <= opt_batch <= max_batch"):
+        ort_provider.ort_trt_provider_options(tiny_bundle, fp16=True, cache_dir=cache, min_batch=4, max_batch=2)
+
+
+def test_ort_trt_cache_of_a_read_only_bundle_goes_to_the_user_cache(tiny_bundle, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    if os.geteuid() == 0:
+        # root ignores permission bits: make the bundle's cache path unusable another way (a file in the way).
+        (tiny_bundle / "engines").write_bytes(b"not a directory")
+    else:
+        tiny_bundle.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    try:
+        cache = ort_provider.ort_trt_cache_dir(tiny_bundle, "sm87-orin-16sm-trt10.3.0.30")
+    finally:
+        tiny_bundle.chmod(stat.S_IRWXU)
+    assert cache.is_dir() and cache.is_relative_to(tmp_path / "xdg" / "pcedge" / "ort-trt")
+    assert cache.name == "sm87-orin-16sm-trt10.3.0.30"
 
 
 # ---------------------------------------------------------------------------------------------- without TensorRT
@@ -179,7 +245,8 @@ def test_probe_device_without_tensorrt_says_why_and_reports_cuda_state(without_t
     message = str(caught.value)
     assert "tensorrt is not importable" in message and "python3-libnvinfer" in message
     # The CUDA side is reported too, whatever it is on this machine: missing bindings, no GPU, or the GPU found.
-    assert any(part in message for part in ("cuda-python is not importable", "no CUDA GPU", "CUDA device 0:"))
+    assert any(part in message for part in ("cuda-python is not importable", "no CUDA GPU", "CUDA device 0:",
+                                            "CUDA cannot start"))
     assert isinstance(caught.value, BackendUnavailable)
 
 

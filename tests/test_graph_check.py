@@ -78,6 +78,31 @@ def test_shape_arithmetic_in_int64_is_allowed(tmp_path):
     assert check_tensorrt_compat(_save(tmp_path, nodes, [_images()], [_out("batch", 192)], inits)) == []
 
 
+@pytest.mark.parametrize("op, attrs", [("Gelu", {}), ("IsInf", {}), ("Hardmax", {})])
+def test_ops_parsed_since_tensorrt_10_1_pass(tmp_path, op, attrs):
+    """Ops the parser supports from TensorRT 10.1 on (JetPack 6 has 10.3) are not false alarms."""
+    out_type = TensorProto.BOOL if op == "IsInf" else TensorProto.FLOAT
+    graph = helper.make_graph([helper.make_node(op, ["images"], ["out"], name="n", **attrs)], "g", [_images()],
+                              [helper.make_tensor_value_info("out", out_type, ["batch", 3, 8, 8])])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+    problems = check_tensorrt_compat(path)
+    assert not [p for p in problems if "not supported" in p], problems
+
+
+def test_shape_derived_unsqueeze_axes_are_refused(tmp_path):
+    """The parser needs Squeeze/Unsqueeze axes as weights; axes computed from shapes are refused."""
+    nodes = [
+        helper.make_node("Shape", ["images"], ["shape"], name="shape"),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["axes"], name="first_dim"),
+        helper.make_node("Sub", ["axes", "axes"], ["zero_axis"], name="zero_axis"),
+        helper.make_node("Unsqueeze", ["images", "zero_axis"], ["out"], name="add_dim"),
+    ]
+    inits = [_const("zero", [0], np.int64), _const("one", [1], np.int64)]
+    problems = check_tensorrt_compat(_save(tmp_path, nodes, [_images()], [_out(1, "batch", 3, 8, 8)], inits))
+    assert any("node 'add_dim' (Unsqueeze)" in p and "initializer" in p for p in problems), problems
+
+
 def test_unsupported_op_is_named(tmp_path):
     path = _save(tmp_path, [helper.make_node("Det", ["images"], ["out"], name="determinant")],
                  [_images("batch", 3, 4, 4)], [_out("batch", 3)])

@@ -89,10 +89,13 @@ def test_a_replaced_file_with_recomputed_checksum_fails_the_signature(signed_tin
 
 
 def test_engines_built_on_the_device_keep_the_signature_valid(signed_tiny, keys):
-    rel = engines.engine_filename("sm87", "10.3.0", "fp16")
+    orin = engines.DeviceInfo(sm="sm87", name="Orin", trt_version="10.3.0", fast_fp16=True, integrated=True,
+                              multiprocessors=16)
+    rel = engines.engine_filename(orin, "fp16")
     (signed_tiny / rel).parent.mkdir()
     (signed_tiny / rel).write_bytes(b"plan built on an Orin")
-    engines.record_engine(open_bundle(signed_tiny), EngineSpec(file=rel, sm="sm87", trt_version="10.3.0", precision="fp16"))
+    engines.record_engine(open_bundle(signed_tiny), EngineSpec(file=rel, sm="sm87", trt_version="10.3.0", precision="fp16",
+                                                                device_name="Orin", device_key=orin.key))
     bundle = open_bundle(signed_tiny, trust=keys["fleet_pub"])
     assert [e.file for e in bundle.manifest.engines] == [rel]
 

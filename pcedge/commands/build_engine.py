@@ -18,14 +18,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
                         help="engine precision (default auto: fp16 when the GPU has fast FP16, else fp32)")
     parser.add_argument("--min-batch", type=int, default=1, help="smallest batch the engine accepts (default 1)")
-    parser.add_argument("--opt-batch", type=int, default=1,
-                        help="batch the kernels are tuned for (default 1: one camera frame at a time)")
-    parser.add_argument("--max-batch", type=int, default=8, help="largest batch the engine accepts (default 8)")
+    parser.add_argument("--opt-batch", type=int, default=None,
+                        help="batch the kernels are tuned for (default: the bundle's input.opt_batch, 1)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="largest batch the engine accepts (default: the bundle's input.max_batch, 8); "
+                             "larger batches are split")
     parser.add_argument("--workspace", type=int, default=1024, metavar="MB",
                         help="TensorRT workspace limit in MB (default 1024; Jetson memory is shared with the CPU)")
     parser.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",
                         help="TensorRT timing cache to load and update; speeds up rebuilds on the same device. "
                              "Keep it outside the bundle (e.g. ~/.cache/pcedge/timing.cache)")
+    parser.add_argument("--hardware-compat", choices=("none", "ampere_plus", "same_compute_capability"),
+                        default="none",
+                        help="TensorRT hardware compatibility: ampere_plus runs on any sm80+ GPU, "
+                             "same_compute_capability (TensorRT 10.16+) on any GPU of this sm; slower (see README)")
+    parser.add_argument("--version-compatible", action="store_true",
+                        help="TensorRT version compatibility: the plan also runs on later TensorRT of the same "
+                             "major (it embeds the lean runtime; larger, may be slower; see README)")
 
 
 def _input_chw(shape: list, where: str) -> tuple[int, int, int]:
@@ -37,7 +46,7 @@ def _input_chw(shape: list, where: str) -> tuple[int, int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from pcedge.runtime.tensorrt.build import TensorRTBuildError, build_engine
-    from pcedge.runtime.tensorrt.device import probe_device
+    from pcedge.runtime.tensorrt.device import probe_device, trt_major
     from pcedge.runtime.tensorrt.engines import engine_filename, record_engine
 
     try:
@@ -58,26 +67,44 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision
     if precision == "auto":
         precision = "fp16" if device.fast_fp16 else "fp32"
-        why = "has" if device.fast_fp16 else "has no"
-        print(f"precision   {precision} (auto: {device.name} {why} fast FP16)")
-    rel = engine_filename(device.sm, device.trt_version, precision)
-    print(f"building    {rel} from {bundle.model_path.name} on {device.name} ({device.sm}), TensorRT {device.trt_version}, "
-          f"batch {args.min_batch}/{args.opt_batch}/{args.max_batch}; this takes minutes on a Jetson")
+        why = f"{device.name} {device.sm} {'has' if device.fast_fp16 else 'has no'} fast FP16"
+        fp16_graph = bundle.fp16_model_path
+        if precision == "fp16" and trt_major(device.trt_version) >= 11 and not (fp16_graph and fp16_graph.is_file()):
+            # TensorRT 11 builds FP16 only from the float16 graph, which bundles from older exports lack.
+            precision = "fp32"
+            why += f", but TensorRT {device.trt_version} needs the bundle's float16 graph and it has none (re-export)"
+        print(f"precision   {precision} (auto: {why})")
+    opt_batch = args.opt_batch if args.opt_batch is not None else bundle.manifest.input.opt_batch
+    max_batch = args.max_batch if args.max_batch is not None else bundle.manifest.input.max_batch
+    opt_batch = min(max(opt_batch, args.min_batch), max_batch) if args.opt_batch is None else opt_batch
+    rel = engine_filename(device, precision, args.hardware_compat, args.version_compatible)
+    print(f"building    {rel} on {device.name} ({device.key}, {device.sm}), TensorRT {device.trt_version}, "
+          f"batch {args.min_batch}/{opt_batch}/{max_batch}; this takes minutes on a Jetson")
     try:
         report = build_engine(
             bundle.model_path, bundle.root / rel, precision,
-            args.min_batch, args.opt_batch, args.max_batch, args.workspace, args.timing_cache,
+            args.min_batch, opt_batch, max_batch, args.workspace, args.timing_cache,
             input_name=bundle.manifest.input.name, input_chw=input_chw,
+            fp16_onnx_path=bundle.fp16_model_path, fast_fp16=device.fast_fp16,
+            hardware_compat=args.hardware_compat, version_compatible=args.version_compatible,
         )
     except (ValueError, TensorRTBuildError) as exc:
         print(f"pcedge build-engine: {exc}", file=sys.stderr)
         return 1
+    except TensorRTUnavailable as exc:
+        print(f"pcedge build-engine: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # CUDA out of memory, a TensorRT internal error: a clear line, never a traceback
+        print(f"pcedge build-engine: TensorRT failed while building: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     spec = EngineSpec(
         file=rel, sm=device.sm, trt_version=device.trt_version, precision=precision,
-        min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
+        min_batch=args.min_batch, opt_batch=opt_batch, max_batch=max_batch,
         built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), device_name=device.name, workspace_mb=args.workspace,
+        device_key=device.key, hardware_compat=args.hardware_compat, version_compatible=args.version_compatible,
     )
     record_engine(bundle, spec)
+    print(f"graph       {report.graph.name if report.graph else bundle.model_path.name}")
     for note in report.notes:
         print(f"note        {note}")
     print(f"wrote       {report.plan_path} ({report.plan_bytes / 1e6:.1f} MB) in {report.seconds:.0f}s; "

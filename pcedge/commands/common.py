@@ -16,9 +16,24 @@ def add_detector_arguments(parser: argparse.ArgumentParser, index: bool = True) 
         parser.add_argument("--ef", type=int, default=None, help="HNSW query ef (default: the bundle's)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default=None,
-                        help="TensorRT engine precision to prefer")
+                        help="TensorRT engine precision to prefer; with --backend ort-cuda, fp16 runs the bundle's "
+                             "float16 graph (model_fp16.onnx)")
     parser.add_argument("--trust", metavar="PUBKEY", default=None,
                         help="refuse the bundle unless it is signed by this Ed25519 public key (see `pcedge sign`)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="say why each better backend was skipped under --backend auto")
+
+
+def print_skipped(backend, args: argparse.Namespace, command: str) -> None:
+    """Under ``--verbose``, one line per backend ``auto`` skipped and per TensorRT engine that does not fit."""
+    import sys
+
+    if not getattr(args, "verbose", False):
+        return
+    for choice in getattr(backend, "auto_skipped", []):
+        print(f"pcedge {command}: skipped {choice.kind}: {choice.reason}", file=sys.stderr)
+    for line in getattr(backend, "skipped_engines", []):
+        print(f"pcedge {command}: engine not used: {line}", file=sys.stderr)
 
 
 def detector_options(args: argparse.Namespace, **overrides):
@@ -49,7 +64,9 @@ def open_detector(args: argparse.Namespace, command: str):
     from pcedge.runtime.errors import BackendUnavailable
 
     try:
-        return Detector.open(args.bundle, detector_options(args))
+        detector = Detector.open(args.bundle, detector_options(args))
     except (BundleError, BackendUnavailable, ValueError) as exc:
         print(f"pcedge {command}: {exc}", file=sys.stderr)
         return None
+    print_skipped(detector.backend, args, command)
+    return detector

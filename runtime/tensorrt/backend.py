@@ -1,7 +1,8 @@
 """Run a TensorRT plan: images ``[B, 3, H, W]`` float32 -> embeddings ``[B, h*w, D]`` float32.
 
-Written against the TensorRT 10 Python API (named tensors: ``set_input_shape``, ``set_tensor_address``,
-``execute_async_v3``) and the CUDA runtime bindings of cuda-python, following NVIDIA's
+Written against the TensorRT 10.x / 11.x Python API (named tensors: ``set_input_shape``,
+``set_tensor_address``, ``execute_async_v3``; checked name by name against NVIDIA's binding sources by
+``tests/test_trt_standin.py``) and the CUDA runtime bindings of cuda-python, following NVIDIA's
 ``samples/python/common_runtime.py``. Both are imported when a backend is created, not on import.
 """
 
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 
 from ..errors import TensorRTUnavailable
-from .cuda import CudaError, cuda_call, import_cudart, pinned_float32
+from .cuda import CudaError, cuda_call, import_cudart, mapped_float32, native_handle, pinned_float32
 from .device import import_tensorrt
 from .engines import precision_from_filename
 
@@ -23,29 +25,41 @@ from .engines import precision_from_filename
 class TensorRTBackend:
     """A deserialized TensorRT plan: images ``[B, 3, H, W]`` float32 -> embeddings ``[B, h*w, D]`` float32.
 
-    Device buffers, page-locked host buffers and one CUDA stream are allocated once, for the profile's
-    largest batch; each call copies in, enqueues (``execute_async_v3``), copies out and synchronises. Not
-    thread-safe: one backend per thread.
+    Buffers and one CUDA stream are allocated once, for the profile's largest batch. On a discrete GPU each
+    call stages through page-locked host buffers (copy in, ``execute_async_v3``, copy out, synchronise). On
+    an integrated GPU (``zero_copy``, a Jetson) the buffers are mapped page-locked host memory that the GPU
+    reads and writes in place: no host<->device copies. A batch larger than the profile's maximum is split;
+    one smaller than its minimum is padded. Calls from several threads are serialised by a lock.
     """
 
     name = "tensorrt"
 
     def __init__(self, plan_path: str | os.PathLike[str], input_name: str = "images",
-                 output_name: str = "embeddings", precision: str | None = None):
-
+                 output_name: str = "embeddings", precision: str | None = None, *,
+                 zero_copy: bool = False, allow_host_code: bool = False):
         self.plan_path = Path(plan_path)
         self.input_name, self.output_name = input_name, output_name
         self.precision = precision or precision_from_filename(self.plan_path) or "unknown"
-        trt = import_tensorrt()
-        self._cudart = cudart = import_cudart()
-        self._trt = trt
+        self.zero_copy = bool(zero_copy)
+        self._lock = threading.Lock()
         self._stream = None
         self._device_in = self._device_out = None
         self._host_in_ptr = self._host_out_ptr = None
+        self._host_in = self._host_out = None
+        self._context = self._engine = self._runtime = None
+        trt = import_tensorrt()
+        self._cudart = cudart = import_cudart()
+        self._trt = trt
         if not self.plan_path.is_file():
             raise TensorRTUnavailable(f"{self.plan_path}: no such engine file; run `pcedge build-engine` on this device")
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        try:
+            self._runtime = trt.Runtime(self._logger)
+        except TypeError as exc:  # pybind11: "factory function returned nullptr" when CUDA cannot start
+            raise TensorRTUnavailable(f"TensorRT could not create a Runtime (CUDA did not start?): {exc}") from exc
+        if allow_host_code:
+            # A version-compatible plan embeds its lean runtime (host code); only our own plans get here.
+            self._runtime.engine_host_code_allowed = True
         self._engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if self._engine is None:
             raise TensorRTUnavailable(
@@ -87,52 +101,80 @@ class TensorRTBackend:
         self.output_hw_d = max_out[1:]
 
         in_count, out_count = math.prod(high), math.prod(max_out)
-        self._device_in = cuda_call(cudart, cudart.cudaMalloc(in_count * 4), "cudaMalloc(input)")
-        self._device_out = cuda_call(cudart, cudart.cudaMalloc(out_count * 4), "cudaMalloc(output)")
-        self._host_in_ptr, self._host_in = pinned_float32(cudart, in_count)
-        self._host_out_ptr, self._host_out = pinned_float32(cudart, out_count)
+        if self.zero_copy:
+            self._host_in_ptr, self._device_in, self._host_in = mapped_float32(cudart, in_count)
+            self._host_out_ptr, self._device_out, self._host_out = mapped_float32(cudart, out_count)
+        else:
+            self._device_in = cuda_call(cudart, cudart.cudaMalloc(in_count * 4), "cudaMalloc(input)")
+            self._device_out = cuda_call(cudart, cudart.cudaMalloc(out_count * 4), "cudaMalloc(output)")
+            self._host_in_ptr, self._host_in = pinned_float32(cudart, in_count)
+            self._host_out_ptr, self._host_out = pinned_float32(cudart, out_count)
         # A non-default stream: execute_async_v3 on the default stream costs extra device synchronisations.
         self._stream = cuda_call(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._stream_handle = native_handle(self._stream)
         # The buffers never move, so their addresses are bound once.
         for tensor, pointer in ((self.input_name, self._device_in), (self.output_name, self._device_out)):
             if not self._context.set_tensor_address(tensor, int(pointer)):
                 raise ValueError(f"{self.plan_path}: TensorRT refused the buffer address for {tensor!r}")
+        memory = "zero-copy" if self.zero_copy else "pinned staging"
         self.description = (
             f"tensorrt (TensorRT {trt.__version__}, {self.precision}, batch {self.min_batch}..{self.max_batch}, "
-            f"{self.plan_path.name})"
+            f"{memory}, {self.plan_path.name})"
         )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """``[B, 3, H, W]`` float32 -> ``[B, h*w, D]`` float32 (a fresh array, not a view of the buffers)."""
-        if self._stream is None:
-            raise RuntimeError(f"{self.plan_path}: backend is closed")
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        if images.ndim != 4 or images.shape[1:] != self.input_chw:
+        images = np.asarray(images)
+        if images.ndim != 4 or tuple(images.shape[1:]) != tuple(self.input_chw):
             raise ValueError(f"expected images [B, {', '.join(map(str, self.input_chw))}], got {list(images.shape)}")
         batch = images.shape[0]
-        if not self.min_batch <= batch <= self.max_batch:
-            raise ValueError(
-                f"batch {batch} is outside the engine's optimisation profile [{self.min_batch}, {self.max_batch}] "
-                f"({self.plan_path.name}); rebuild with `pcedge build-engine --max-batch {batch}` or send smaller batches"
-            )
+        if batch == 0:
+            raise ValueError("expected at least one image, got an empty batch")
+        with self._lock:
+            if self._stream is None:
+                raise RuntimeError(f"{self.plan_path}: backend is closed")
+            out = np.empty((batch, *self.output_hw_d), dtype=np.float32)
+            for start in range(0, batch, self.max_batch):
+                self._run_chunk(images[start:start + self.max_batch], out[start:start + self.max_batch])
+        return out
+
+    def _run_chunk(self, images: np.ndarray, out: np.ndarray) -> None:
+        """One engine call on ``images`` ``[b, 3, H, W]`` (b <= max_batch) into ``out`` ``[b, h*w, D]``."""
         cudart, ctx = self._cudart, self._context
-        if not ctx.set_input_shape(self.input_name, images.shape):
-            raise ValueError(f"TensorRT refused input shape {list(images.shape)}")
+        real = images.shape[0]
+        run = max(real, self.min_batch)  # pad up to the profile's minimum with zeros
+        in_count = run * math.prod(self.input_chw)
+        staged = self._host_in[:in_count].reshape(run, *self.input_chw)
+        staged[:real] = images  # the one host copy in (also converts to float32)
+        if run > real:
+            staged[real:] = 0.0
+        if not ctx.set_input_shape(self.input_name, (run, *self.input_chw)):
+            raise ValueError(f"TensorRT refused input shape {[run, *self.input_chw]}")
         out_shape = tuple(int(d) for d in ctx.get_tensor_shape(self.output_name))
-        in_count, out_count = images.size, math.prod(out_shape)
-        self._host_in[:in_count] = images.reshape(-1)
-        to_device, to_host = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        cuda_call(cudart, cudart.cudaMemcpyAsync(self._device_in, self._host_in_ptr, in_count * 4, to_device, self._stream),
-                  "cudaMemcpyAsync(host->device)")
-        if not ctx.execute_async_v3(stream_handle=int(self._stream)):
+        out_count = math.prod(out_shape)
+        stream = self._stream
+        if not self.zero_copy:
+            cuda_call(cudart, cudart.cudaMemcpyAsync(self._device_in, self._host_in_ptr, in_count * 4,
+                                                     cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream),
+                      "cudaMemcpyAsync(host->device)")
+        if not ctx.execute_async_v3(self._stream_handle):
             raise CudaError(f"{self.plan_path.name}: execute_async_v3 failed (see the TensorRT log)")
-        cuda_call(cudart, cudart.cudaMemcpyAsync(self._host_out_ptr, self._device_out, out_count * 4, to_host, self._stream),
-                  "cudaMemcpyAsync(device->host)")
-        cuda_call(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        return self._host_out[:out_count].reshape(out_shape).copy()
+        if not self.zero_copy:
+            cuda_call(cudart, cudart.cudaMemcpyAsync(self._host_out_ptr, self._device_out, out_count * 4,
+                                                     cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream),
+                      "cudaMemcpyAsync(device->host)")
+        cuda_call(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        out[...] = self._host_out[:out_count].reshape(out_shape)[:real]  # the one host copy out
 
     def close(self) -> None:
         """Free the stream and every buffer (idempotent); the first CUDA error is raised after all are freed."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            self._release()
+
+    def _release(self) -> None:
         cudart = getattr(self, "_cudart", None)
         failures: list[str] = []
 
@@ -147,17 +189,26 @@ class TensorRTBackend:
                 failures.append(str(exc))
 
         release("_stream", "cudaStreamDestroy")
-        release("_device_in", "cudaFree")
-        release("_device_out", "cudaFree")
         self._host_in = self._host_out = None  # views of the pinned memory: drop before freeing it
+        if getattr(self, "zero_copy", False):
+            # Mapped memory: the device pointers alias the host allocations, freed once through them.
+            self._device_in = self._device_out = None
+        else:
+            release("_device_in", "cudaFree")
+            release("_device_out", "cudaFree")
         release("_host_in_ptr", "cudaFreeHost")
         release("_host_out_ptr", "cudaFreeHost")
         # Context before engine before runtime: each depends on the next.
-        for attribute in ("_context", "_engine", "_runtime"):
-            if hasattr(self, attribute):
-                setattr(self, attribute, None)
+        self._context = self._engine = self._runtime = None
         if failures:
             raise CudaError("; ".join(failures))
+
+    def __del__(self) -> None:
+        # A backend dropped without close() must not keep GPU and pinned memory for the process's life.
+        try:
+            self.close()
+        except Exception:  # nowhere to report from a finaliser; close() reports when called explicitly
+            pass
 
     def __enter__(self) -> "TensorRTBackend":
         return self

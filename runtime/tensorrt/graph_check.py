@@ -7,7 +7,8 @@ for the TensorRT 10 releases JetPack 6 ships (10.3), plus pcedge's own contract 
 - Resize: ``mode`` nearest/linear, the supported coordinate-transformation and nearest modes, no
   antialiasing, ``stretch`` aspect policy, ``axes`` (if given) an iota;
 - Pad: ``constant`` mode with static pads; AveragePool/MaxPool: 2D or 3D, no dilation, no Indices output;
-  reduction axes, TopK's K, CumSum's axis and Squeeze/Unsqueeze axes known at build time;
+  reduction axes and Squeeze/Unsqueeze axes initializers (the parser reads them as weights, a value
+  computed from shapes is refused), TopK's K and CumSum's axis known at build time;
 - one self-contained file (no external data) and every shape static except the batch dimension of the
   inputs (checked on inputs, outputs and, after ONNX shape inference, every intermediate tensor);
 - float32 only: no float64 anywhere, and every tensor computed from the image is float32 (int64 is fine
@@ -29,15 +30,16 @@ MAX_OPSET = 20
 #: Ops marked supported ("Y") in onnx-tensorrt's docs/operators.md for TensorRT 10 (the 10.15 matrix),
 #: minus those later than the 10.3 parser: window functions and STFT (10.4/10.5); Attention,
 #: RMSNormalization, RotaryEmbedding, TensorScatter (opset 23/24, beyond MAX_OPSET); and, conservatively,
-#: ops absent from the TensorRT 8.5 matrix whose arrival in 10.x we could not date (CastLike, DeformConv,
-#: Gelu, GroupNormalization, Hardmax, IsInf, Mish). A false alarm here costs less than a failed build on
-#: the device; the parser itself (``pcedge build-engine``) remains the final word.
+#: ops absent from the TensorRT 8.5 matrix whose arrival in 10.x we could not date (CastLike, Mish).
+#: DeformConv, Gelu, GroupNormalization, Hardmax and IsInf are in (parsed since TensorRT 10.1, before
+#: JetPack 6's 10.3). A false alarm here costs less than a failed build on the device; the parser itself
+#: (``pcedge build-engine``) remains the final word.
 SUPPORTED_OPS = frozenset("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu
-Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout
-Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool
-GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GRU HardSigmoid HardSwish
-Identity If ImageScaler InstanceNormalization IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log
+Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv DepthToSpace DequantizeLinear Div
+Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gelu Gemm
+GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GroupNormalization GRU Hardmax
+HardSigmoid HardSwish Identity If ImageScaler InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log
 LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mod Mul
 Neg NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal
 RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp
@@ -176,8 +178,11 @@ def _check_node(onnx, g: _Graph, node, index: int, opset: int) -> list[str]:
             problems.append(f"{label}: {op} axes '{axes}' must be an initializer for TensorRT")
     elif op in ("Squeeze", "Unsqueeze"):
         axes = _input(node, 1)
-        if axes and not g.is_static(axes):
-            problems.append(f"{label}: {op} axes '{axes}' depend on image data; TensorRT needs them at build time")
+        if axes and not g.is_constant(axes):
+            # onnx-tensorrt reads these axes as weights: a value computed at run time, even from shapes
+            # only, is refused ("Squeeze/Unsqueeze axes must be an initializer").
+            problems.append(f"{label}: {op} axes '{axes}' are computed in the graph; TensorRT's parser needs "
+                            "them as an initializer or Constant")
     elif op == "TopK":
         k_name = _input(node, 1)
         k = g.constant_value(k_name) if k_name else None

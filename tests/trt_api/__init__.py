@@ -1,0 +1,1 @@
+"""Strict stand-ins for TensorRT (per release, from NVIDIA's binding sources) and cuda-python's runtime."""
