@@ -19,6 +19,7 @@ import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from .files import open_output
 from .bundle import ENGINES_DIR, MANIFEST, BundleError, Manifest, open_bundle, read_manifest, sha256_file
 
 _CHUNK = 1 << 20
@@ -80,25 +81,18 @@ def pack(bundle_root: str | os.PathLike[str], out_file: str | os.PathLike[str], 
         raise ArchiveError(f"{out}: write the archive outside the bundle it packs ({bundle.root})")
     manifest = _archive_manifest(bundle.manifest, include_engines)
     top = bundle.root.resolve().name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
-            text = manifest.to_json().encode()
-            tar.addfile(_tarinfo(f"{top}/{MANIFEST}", len(text), (bundle.root / MANIFEST).stat().st_mtime), io.BytesIO(text))
-            for rel, entry in manifest.files.items():
-                path = bundle.root / rel
-                with open(path, "rb") as handle:
-                    reader = _HashingReader(handle)
-                    tar.addfile(_tarinfo(f"{top}/{rel}", entry.size, path.stat().st_mtime), reader)
-                if reader.digest.hexdigest() != entry.sha256:
-                    raise ArchiveError(f"{path}: changed while it was being packed; pack again")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # open_output: a temporary name and a rename over a regular file; written in place to a device or FIFO
+    # (never renamed over one); a folder, disk or socket is refused.
+    with open_output(out, "wb") as handle, tarfile.open(fileobj=handle, mode="w|gz", format=tarfile.PAX_FORMAT) as tar:
+        text = manifest.to_json().encode()
+        tar.addfile(_tarinfo(f"{top}/{MANIFEST}", len(text), (bundle.root / MANIFEST).stat().st_mtime), io.BytesIO(text))
+        for rel, entry in manifest.files.items():
+            path = bundle.root / rel
+            with open(path, "rb") as source:
+                reader = _HashingReader(source)
+                tar.addfile(_tarinfo(f"{top}/{rel}", entry.size, path.stat().st_mtime), reader)
+            if reader.digest.hexdigest() != entry.sha256:
+                raise ArchiveError(f"{path}: changed while it was being packed; pack again")
     return out
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .files import write_text_atomic
+from .files import remove_stale_temporaries, temporary_prefix, write_text_atomic
 
 FORMAT = "pcedge-bundle"
 #: Readers accept manifests up to this version and refuse newer ones.
@@ -422,7 +422,8 @@ class BundleWriter:
         if self.target.exists() and not force:
             raise FileExistsError(f"{self.target}: already exists; pass --force to overwrite it")
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent))
+        remove_stale_temporaries(self.target)  # .NAME.<pid>.*.partial of exports that were killed
+        self.tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(self.target), suffix=".partial", dir=self.target.parent))
         self.committed = False
 
     def path(self, rel: str) -> Path:

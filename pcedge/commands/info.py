@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pcedge.commands.common import q
 from pcedge.runtime.bundle import BundleError, open_bundle
 
 HELP = "show what a bundle holds (model, memory bank, index, threshold, engines, files)"
@@ -65,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
     lines.append("files       " + ", ".join(f"{k} ({v.size / 1e6:.2f} MB)" for k, v in m.files.items()))
     lines.append("checksums   " + ("not verified (--no-verify)" if args.no_verify else "all verified"))
     print("\n".join(lines))
-    print(f"next: pcedge verify {bundle.root}   |   pcedge predict {bundle.root} IMAGES...")
+    print(f"next: pcedge verify {q(bundle.root)}   |   pcedge predict {q(bundle.root)} IMAGES...")
     return 0

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from ..errors import WatchError
+from ..files import to_jsonable
 from ..overlay import write_image
 from .sources import Frame
 
@@ -41,7 +42,8 @@ class EventLog:
     def write(self, record: dict, flush: bool = False) -> None:
         if self._handle is None:
             return
-        line = json.dumps(record, allow_nan=False, default=_json_default) + "\n"
+        # NaN/inf -> null: a strict JSON reader must be able to read every line.
+        line = json.dumps(to_jsonable(record), allow_nan=False, default=_json_default) + "\n"
         with self._lock:
             self._handle.write(line)
             if flush:
