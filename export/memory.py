@@ -14,7 +14,7 @@ Three things dominate, at different times:
 - the batch's **decoded images and network input** (float32).
 
 The estimate is compared with the memory available to this process: ``MemAvailable`` of /proc/meminfo,
-capped by a cgroup (container) limit when there is one.
+capped by a cgroup (container) limit and by ``ulimit -v`` when there is one.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class MemoryEstimate:
 
 
 def available_memory() -> int | None:
-    """Bytes this process can still allocate: MemAvailable, capped by a cgroup v2/v1 limit; None if unknown."""
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup v2/v1 limit and by ``ulimit -v``;
+    None if unknown."""
     values = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -77,6 +78,16 @@ def available_memory() -> int | None:
             continue
         if limit < 1 << 60:  # cgroup v1 reports "no limit" as a huge number
             values.append(max(limit - usage, 0))
+    try:  # ulimit -v: the address space this process may still grow by
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            status = Path("/proc/self/status").read_text()
+            vm_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmSize:"))
+            values.append(max(soft - vm_kb * 1024, 0))
+    except (ImportError, OSError, ValueError, StopIteration):
+        pass
     if not values and hasattr(os, "sysconf"):
         try:
             values.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

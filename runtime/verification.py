@@ -58,7 +58,7 @@ def _spread_check(scores: np.ndarray, bank_rows: int, scoring) -> Check:
         return Check("score spread", True, f"reference scores {float(np.min(scores)):.4g} to {float(np.max(scores)):.4g}")
     return Check("score spread", False,
                  f"all {scores.size} reference images score 0: the detector cannot tell anything apart "
-                 f"(memory bank of {bank_rows} rows, Eq. 7 b={scoring.reweight_b}); export it again")
+                 f"(memory bank of {bank_rows} row(s), Eq. 7 b={scoring.reweight_b}); export it again")
 
 
 def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precision: str | None,
