@@ -26,7 +26,6 @@ import pytest
 
 from pcedge.cli import main
 from pcedge.runtime.bundle import MEMORY_BANK_FILE, BundleWriter, Manifest, file_entry, open_bundle, read_manifest
-from pcedge.runtime.files import OutputError, check_output, open_output, write_json
 
 from conftest import BSD, ROOT
 
@@ -74,6 +73,8 @@ def _read_fifo(path: Path, sink: list[bytes]) -> threading.Thread:
 
 
 def test_open_output_writes_in_place_to_a_fifo_and_a_device_and_follows_symlinks(tmp_path):
+    from pcedge.runtime.files import OutputError, check_output, open_output, write_json
+
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     got: list[bytes] = []
@@ -108,6 +109,8 @@ def test_open_output_writes_in_place_to_a_fifo_and_a_device_and_follows_symlinks
 
 
 def test_open_output_keeps_a_character_device(tmp_path):
+    from pcedge.runtime.files import write_json
+
     node = tmp_path / "null"
     try:
         os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # the same device as /dev/null
