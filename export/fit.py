@@ -43,7 +43,7 @@ from .backbones import build_backbone
 from .calibration import calibrate_threshold
 from .coreset import coverage_radius, greedy_coreset, resolve_count
 from .embedder import PatchEmbedder
-from .limits import MAX_TARGET_FPR, MIN_CORESET_COUNT, MIN_HNSW_M, MIN_REWEIGHT_B, MIN_TARGET_FPR
+from .limits import MAX_TARGET_FPR, MIN_HNSW_M, MIN_REWEIGHT_B, MIN_TARGET_FPR, coreset_count_problem
 from .memory import describe_refusal, estimate_export_memory
 from .onnx_export import assert_parity, check_parity, export_onnx
 
@@ -215,6 +215,8 @@ def check_config(config: ExportConfig) -> None:
     fpr = config.target_fpr
     if not (isinstance(fpr, (int, float)) and np.isfinite(fpr) and MIN_TARGET_FPR <= fpr <= MAX_TARGET_FPR):
         raise bad("--fpr", fpr, f"must lie in [{MIN_TARGET_FPR:g}, {MAX_TARGET_FPR:g}]")
+    if config.val_dir is not None and not Path(config.val_dir).is_dir():
+        raise ValueError(f"--val {config.val_dir}: not a folder of held-out good images")
     coreset = config.coreset
     if isinstance(coreset, bool) or not isinstance(coreset, (int, float)) or not np.isfinite(coreset) or coreset <= 0:
         raise bad("--coreset", coreset, "expected a ratio in (0, 1] or a count of at least 2")
@@ -226,12 +228,9 @@ def check_config(config: ExportConfig) -> None:
 
 def check_coreset_count(n: int, config: ExportConfig, spec: str) -> None:
     """The memory bank must hold enough rows to score: at least 2, and at least b with Eq. 7."""
-    need = max(MIN_CORESET_COUNT, config.reweight_b if config.reweight else 1)
-    if n < need:
-        why = (f"Eq. 7 needs the b = {config.reweight_b} nearest neighbours of m* in the memory bank"
-               if config.reweight and config.reweight_b > 1 else "a one-row memory bank cannot tell images apart")
-        raise ValueError(f"--coreset {spec} keeps {n} memory feature(s): too few ({why}); "
-                         f"keep at least {need}, e.g. --coreset {need}")
+    problem = coreset_count_problem(n, config.reweight, config.reweight_b, spec)
+    if problem:
+        raise ValueError(problem)
 
 
 def check_nominal_scores(scores: np.ndarray, source: str) -> None:

@@ -12,3 +12,14 @@ MIN_TARGET_FPR = 1e-6
 MAX_TARGET_FPR = 0.5
 #: A memory bank of one row gives every image the same verdict.
 MIN_CORESET_COUNT = 2
+
+
+def coreset_count_problem(n: int, reweight: bool, b: int, spec: str) -> str | None:
+    """Why a memory bank of ``n`` rows cannot score (None if it can): at least MIN_CORESET_COUNT rows, and
+    with Eq. 7 at least ``b`` (the neighbourhood N_b(m*) is drawn from the bank)."""
+    need = max(MIN_CORESET_COUNT, b if reweight else 1)
+    if n >= need:
+        return None
+    why = (f"Eq. 7 needs the b = {b} nearest neighbours of m* in the memory bank" if reweight and b > 1
+           else "a one-row memory bank cannot tell images apart")
+    return f"--coreset {spec} keeps {n} memory feature(s): too few ({why}); keep at least {need}, e.g. --coreset {need}"

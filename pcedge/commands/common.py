@@ -159,3 +159,10 @@ def interrupt_exit_code(exc: KeyboardInterrupt) -> int:
 def q(value) -> str:
     """A path or argument quoted for the ``next:`` hints, so that a path with spaces can be pasted."""
     return shlex.quote(str(value))
+
+
+def os_error_text(exc: OSError) -> str:
+    """``PATH: reason`` for an OS error (not Python's ``[Errno 13] Permission denied: 'PATH'``)."""
+    if exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return exc.strerror or str(exc)

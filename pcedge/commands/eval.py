@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pcedge.commands.common import add_detector_arguments, check_outputs, int_at_least, open_detector, q
+from pcedge.commands.common import add_detector_arguments, check_outputs, int_at_least, open_detector, os_error_text, q
 from pcedge.runtime.evaluation.accuracy import DEFAULT_PIXEL_SIZE, EvalReport, coverage_warning, evaluate, format_report
 from pcedge.runtime.evaluation.dataset import DatasetError, load_category
 from pcedge.runtime.evaluation.metrics import MetricError
@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
         category = load_category(args.data)
     except DatasetError as exc:
         print(f"pcedge eval: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:  # a folder of the category that cannot be listed
+        print(f"pcedge eval: {os_error_text(exc)}", file=sys.stderr)
         return 2
     detector = open_detector(args, "eval")
     if detector is None:

@@ -8,9 +8,11 @@ import math
 import sys
 from pathlib import Path
 
-from pcedge.export.limits import MAX_TARGET_FPR, MIN_CORESET_COUNT, MIN_HNSW_M, MIN_REWEIGHT_B, MIN_TARGET_FPR
+from pcedge.export.limits import (
+    MAX_TARGET_FPR, MIN_CORESET_COUNT, MIN_HNSW_M, MIN_REWEIGHT_B, MIN_TARGET_FPR, coreset_count_problem,
+)
 from pcedge.commands.common import (
-    EF, THREADS, finite_float, int_at_least, interrupt_exit_code, q, sigterm_as_interrupt,
+    EF, THREADS, finite_float, int_at_least, interrupt_exit_code, os_error_text, q, sigterm_as_interrupt,
 )
 
 HELP = "fit PatchCore on good images and write a deployable bundle (workstation; needs torch)"
@@ -95,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Before torch is imported (seconds): the one cross-flag check that needs no data.
+    if isinstance(args.coreset, int):
+        problem = coreset_count_problem(args.coreset, not args.no_reweight, args.b, str(args.coreset))
+        if problem:
+            print(f"pcedge export: {problem}", file=sys.stderr)
+            return 2
     # Our own progress notes at INFO; other libraries (onnx, torch) stay at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("pcedge").setLevel(logging.WARNING if args.quiet else logging.INFO)
@@ -130,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
         return interrupt_exit_code(exc)
     except (FileExistsError, FileNotFoundError, ValueError, MemoryError) as exc:
         print(f"pcedge export: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:  # a data folder that cannot be listed (a file inside is skipped instead)
+        print(f"pcedge export: {os_error_text(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:
         from pcedge.export.backbones import WeightsUnavailable
