@@ -270,7 +270,7 @@ def export_bundle(config: ExportConfig) -> ExportReport:
     # Before any image is read: a coreset too small to score, and a job too big for this machine.
     check_coreset_count(resolve_count(config.coreset, len(train_paths) * h * w), config, f"{config.coreset:g}")
     memory = estimate_export_memory(len(train_paths), (h, w), embedder.dim, (H, W), config.batch_size,
-                                    config.backbone, config.coreset_projection_dim)
+                                    config.backbone, config.coreset_projection_dim, n_val=len(val_paths))
     if config.check_memory and not memory.fits:
         raise MemoryError(describe_refusal(memory, len(train_paths), config.batch_size, (H, W)))
 

@@ -11,7 +11,9 @@ Three things dominate, at different times:
   backbone (random weights, nothing downloaded) runs once on a small input with a hook on every layer,
   and the largest layer output is scaled by the input area and the batch. A layer's input, its output
   and the block's residual branch are alive together, hence three of the largest;
-- the batch's **decoded images and network input** (float32).
+- the batch's **decoded images and network input** (float32);
+- later, the **held-out images** (all of them, fitted, float32) while the threshold is calibrated, and the
+  parity check's batch of up to 8 images through torch.
 
 The estimate is compared with the memory available to this process: ``MemAvailable`` of /proc/meminfo,
 capped by a cgroup (container) limit and by ``ulimit -v`` when there is one.
@@ -43,12 +45,15 @@ class MemoryEstimate:
     bank_peak_bytes: int  # the larger of: two copies at the concatenation; one plus the coreset's working set
     activation_bytes: int  # backbone activations for one batch
     input_bytes: int  # one batch of decoded images and its network input
+    threshold_bytes: int  # held-out images kept in memory + the parity batch's activations
     available_bytes: int | None  # None: unknown on this platform
 
     @property
     def total_bytes(self) -> int:
-        # Activations and inputs only exist while the bank is being built (one copy of it at most).
-        return max(self.bank_peak_bytes, self.bank_bytes + self.activation_bytes + self.input_bytes)
+        # The phases follow each other: building the bank (one copy, growing; a batch in flight), assembling
+        # and selecting it, then calibrating (the full bank is gone by then).
+        return max(self.bank_peak_bytes, self.bank_bytes + self.activation_bytes + self.input_bytes,
+                   self.threshold_bytes)
 
     @property
     def fits(self) -> bool:
@@ -120,20 +125,30 @@ def largest_activation_per_pixel(backbone_name: str) -> float:
     return largest[0] / (PROBE_SIDE * PROBE_SIDE)
 
 
+#: Images in the ONNX-versus-torch parity batch (the exporter's n_check + 4 training images).
+PARITY_IMAGES = 8
+
+
 def estimate_export_memory(n_images: int, grid_hw: tuple[int, int], dim: int, input_hw: tuple[int, int],
-                           batch_size: int, backbone_name: str, coreset_projection_dim: int) -> MemoryEstimate:
-    """The :class:`MemoryEstimate` of fitting ``n_images`` at ``input_hw`` (network grid ``grid_hw``, ``D = dim``)."""
+                           batch_size: int, backbone_name: str, coreset_projection_dim: int,
+                           n_val: int = 0) -> MemoryEstimate:
+    """The :class:`MemoryEstimate` of fitting ``n_images`` (and holding out ``n_val``) at ``input_hw``
+    (network grid ``grid_hw``, ``D = dim``)."""
     h, w = grid_hw
     H, W = input_hw
     n = n_images * h * w
     bank = n * dim * _F32
     coreset = n * (min(coreset_projection_dim, dim) + 2) * _F32
     batch = min(batch_size, n_images)
-    activations = int(math.ceil(LIVE_ACTIVATIONS * largest_activation_per_pixel(backbone_name) * H * W * batch))
-    inputs = 2 * batch * 3 * H * W * _F32  # the fitted float images and the stacked [B, 3, H, W] tensor
+    per_image = LIVE_ACTIVATIONS * largest_activation_per_pixel(backbone_name) * H * W
+    activations = int(math.ceil(per_image * batch))
+    image = 3 * H * W * _F32  # one fitted float32 image
+    inputs = 2 * batch * image  # the fitted images and the stacked [B, 3, H, W] tensor
+    threshold = n_val * image + int(math.ceil(per_image * PARITY_IMAGES)) + 2 * PARITY_IMAGES * image
     return MemoryEstimate(
         n_features=n, dim=dim, bank_bytes=bank, bank_peak_bytes=max(2 * bank, bank + coreset),
-        activation_bytes=activations, input_bytes=inputs, available_bytes=available_memory(),
+        activation_bytes=activations, input_bytes=inputs, threshold_bytes=threshold,
+        available_bytes=available_memory(),
     )
 
 
@@ -148,6 +163,6 @@ def describe_refusal(e: MemoryEstimate, n_images: int, batch_size: int, input_hw
         f"this export needs about {_gb(e.total_bytes)} of memory but {_gb(e.available_bytes or 0)} is available: "
         f"memory bank {n_images} images x {e.n_features // max(n_images, 1)} patches x D={e.dim} x 4 B = "
         f"{_gb(e.bank_bytes)} (twice while it is assembled), backbone activations for --batch {batch_size} "
-        f"at {W}x{H} = {_gb(e.activation_bytes)}; lower --size (patches grow with its square), --batch, or --dim, "
-        f"or train on fewer images"
+        f"at {W}x{H} = {_gb(e.activation_bytes)}, held-out images and parity check = {_gb(e.threshold_bytes)}; "
+        f"lower --size (patches grow with its square), --batch, or --dim, or train on fewer images"
     )

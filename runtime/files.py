@@ -119,12 +119,14 @@ def _temporary(target: Path) -> tuple[int, Path]:
 
 
 @contextlib.contextmanager
-def open_output(path: str | os.PathLike[str], mode: str = "wb", keep_partial: bool = False) -> Iterator[IO]:
+def open_output(path: str | os.PathLike[str], mode: str = "wb",
+                keep_partial: tuple[type[BaseException], ...] = ()) -> Iterator[IO]:
     """A handle to write ``path`` (see the module docstring for what each kind of target gets).
 
     ``mode`` is ``"wb"`` or ``"w"`` (UTF-8). On an exception the temporary file is removed and the target
-    left as it was, unless ``keep_partial``: then what was written is renamed into place first (a log of
-    the images scored before Ctrl-C is worth keeping) and the exception goes on.
+    left as it was, unless the exception is one of ``keep_partial`` (e.g. ``(KeyboardInterrupt,)``): then
+    what was written is renamed into place first (a log of the images scored before Ctrl-C is worth
+    keeping) and the exception goes on. Stale temporaries of dead processes beside the target are removed.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"mode {mode!r}: expected 'wb' or 'w'")
@@ -139,14 +141,15 @@ def open_output(path: str | os.PathLike[str], mode: str = "wb", keep_partial: bo
             yield handle
         return
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     fd, tmp = _temporary(target)
     committed = False
     try:
         with os.fdopen(fd, mode, **text) as handle:
             try:
                 yield handle
-            except BaseException:
-                if not keep_partial:
+            except BaseException as exc:
+                if not isinstance(exc, keep_partial):
                     raise
                 _commit(handle, tmp, target)
                 committed = True

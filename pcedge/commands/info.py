@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from pcedge.commands.common import q
@@ -54,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
         f"ef_construction {m.index.ef_construction}, default ef {m.index.ef}",
         f"scoring     k={m.scoring.k}, Eq. 7 re-weighting {'on' if m.scoring.reweight else 'off'} (b={m.scoring.reweight_b}), "
         f"blur sigma {m.scoring.blur_sigma} at {m.scoring.blur_reference_size}px",
-        f"threshold   {t.value:.5f} for FPR {t.target_fpr:g}: {t.method}; source {t.source}; normalised scale {t.scale:.5f}",
+        f"threshold   {t.value:.5f} for FPR {t.target_fpr:g}: {t.method}; source {t.source}; normalised scale {t.scale:.5f}"
+        + ("" if math.isfinite(t.value) and t.value > 0 else
+           "  (NOT USABLE: not a positive finite number; `pcedge verify` fails this bundle)"),
         f"check       {len(m.check.names)} reference images for `pcedge verify`: {', '.join(m.check.names)}",
     ]
     if m.engines:

@@ -98,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         with sigterm_as_interrupt(), detector:
             if args.jsonl:
-                # keep_partial: after Ctrl-C or SIGTERM, the lines of the images already scored replace the
-                # old file (the summary says how many); a crash of our own leaves the old file untouched.
-                with open_output(args.jsonl, "w", keep_partial=True) as jsonl:
+                # keep_partial: after Ctrl-C, SIGTERM or a closed stdout, the lines of the images already
+                # scored replace the old file (the summary says how many); a crash of our own leaves the old
+                # file untouched.
+                with open_output(args.jsonl, "w", keep_partial=(KeyboardInterrupt, BrokenPipeError)) as jsonl:
                     _score_all(args, detector, paths, names, jsonl, latencies, failed, anomalous)
             else:
                 _score_all(args, detector, paths, names, None, latencies, failed, anomalous)

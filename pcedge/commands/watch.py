@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help=SOURCE_HELP)
     add_detector_arguments(parser)
     parser.add_argument("--threshold", type=THRESHOLD, default=None, help="override the bundle's calibrated threshold")
-    parser.add_argument("--fps", type=finite_float("--fps", 0, 1000, low_open=True), default=None,
+    parser.add_argument("--fps", type=finite_float("--fps", 0, low_open=True), default=None,
                         help="folders and files: play at this rate (default: as fast as processed); cameras: requested rate")
     parser.add_argument("--loop", action="store_true", help="replay a file or folder from the start when it ends")
     parser.add_argument("--jsonl", type=Path, default=None, metavar="FILE",
