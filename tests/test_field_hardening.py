@@ -563,6 +563,26 @@ def test_sigterm_during_predict_flushes_what_was_scored(fixture_bundle, tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden temporary left
 
 
+def test_sigterm_during_export_removes_its_partial_bundle(tmp_path):
+    out = tmp_path / "part.pcedge"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pcedge.cli", "export", "--data", str(BSD), "-o", str(out), "--size", "112",
+         "--threads", "1", "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob(f".part.pcedge.{process.pid}.*.partial")):  # the writer has started
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        out_text, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, err
+    assert f"pcedge export: interrupted by SIGTERM; nothing written to {out}" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its temporary folder
+
+
 def test_stale_partial_exports_of_dead_processes_are_removed(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(done.stdout)  # that process has exited
