@@ -28,7 +28,7 @@ def parse_coreset(text: str) -> float | int:
         raise argparse.ArgumentTypeError(f"must be a finite ratio in (0, 1] or a count of at least {MIN_CORESET_COUNT}, got {text}")
     if "." in text or "e" in text.lower():
         if not 0.0 < value <= 1.0:
-            raise argparse.ArgumentTypeError(f"--coreset ratio {text} must lie in (0, 1]")
+            raise argparse.ArgumentTypeError(f"a ratio must lie in (0, 1], got {text}")
         return value
     if value < MIN_CORESET_COUNT:
         raise argparse.ArgumentTypeError(f"count {text} must be at least {MIN_CORESET_COUNT} (a one-row memory bank scores "
