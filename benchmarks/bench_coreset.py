@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                     all_identical=all(v.identical and v.identical_radii for v in verifications))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    from pcedge.runtime.files import to_jsonable  # NaN -> null: strict JSON
+    tmp.write_text(json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
     tmp.replace(args.out)
     print_table(report)
     print(f"wrote {args.out}")

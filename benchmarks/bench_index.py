@@ -322,7 +322,8 @@ def print_table(report: Report, ef_default: int) -> None:
 def write_json(report: Report, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
+    from pcedge.runtime.files import to_jsonable  # NaN -> null: strict JSON
+    tmp.write_text(json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, out)
 
 

@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"median {row.median_rel_error:8.2e}  AUROC {row.image_auroc:.3f}  index {row.index_ms_per_image:6.2f} ms  "
                       f"rescored {row.rescored_patches_mean:5.1f} (max {row.rescored_patches_max})", flush=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    from pcedge.runtime.files import to_jsonable  # NaN -> null: strict JSON
+    tmp.write_text(json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, args.out)
     print(f"wrote {args.out}")
     return 0

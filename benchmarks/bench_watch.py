@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
+    from pcedge.runtime.files import to_jsonable  # NaN -> null: strict JSON
+    tmp_out.write_text(json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
     os.replace(tmp_out, args.out)
     print(f"sequential {seq_fps:.2f} fps, pipeline {pipe_fps:.2f} fps (x{pipe_fps / seq_fps:.2f}); wrote {args.out}")
     return 0

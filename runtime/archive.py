@@ -34,6 +34,7 @@ from .bundle import (
     replace_dir,
     sha256_file,
 )
+from .files import STREAM, open_output, output_kind
 
 _CHUNK = 1 << 20
 
@@ -105,6 +106,26 @@ def _check_archive_target(out: Path, force: bool) -> None:
         raise ArchiveError(f"{out}: exists and is not a regular file; refused (pack replaces only archive files)")
 
 
+
+def _write_archive(handle, bundle, manifest: Manifest, top: str, include_engines: bool, mode: str) -> None:
+    """The tar.gz stream: the manifest as written (minus engines unless included), its signature if any, then
+    every listed file, each hashed again while it is read (a file changed during packing is an error)."""
+    with tarfile.open(fileobj=handle, mode=mode, format=tarfile.PAX_FORMAT) as tar:
+        text = _archive_manifest_text(bundle.root / MANIFEST, include_engines)
+        tar.addfile(_tarinfo(f"{top}/{MANIFEST}", len(text), (bundle.root / MANIFEST).stat().st_mtime), io.BytesIO(text))
+        signature = bundle.root / SIGNATURE
+        if signature.is_file() and not signature.is_symlink():
+            data = signature.read_bytes()
+            tar.addfile(_tarinfo(f"{top}/{SIGNATURE}", len(data), signature.stat().st_mtime), io.BytesIO(data))
+        for rel, entry in manifest.files.items():
+            path = bundle.root / rel
+            with open(path, "rb") as source:
+                reader = _HashingReader(source)
+                tar.addfile(_tarinfo(f"{top}/{rel}", entry.size, path.stat().st_mtime), reader)
+            if reader.digest.hexdigest() != entry.sha256:
+                raise ArchiveError(f"{path}: changed while it was being packed; pack again")
+
+
 def pack(bundle_root: str | os.PathLike[str], out_file: str | os.PathLike[str], include_engines: bool = False,
          force: bool = False) -> Path:
     """Write the bundle at ``bundle_root`` to one ``.tar.gz`` at ``out_file`` (temp name, then rename).
@@ -119,34 +140,32 @@ def pack(bundle_root: str | os.PathLike[str], out_file: str | os.PathLike[str], 
     out = Path(out_file)
     if out.resolve().is_relative_to(bundle.root.resolve()):
         raise ArchiveError(f"{out}: write the archive outside the bundle it packs ({bundle.root})")
-    _check_archive_target(out, force)
     manifest = _archive_manifest(bundle.manifest, include_engines)
     top = bundle.root.resolve().name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    # Where the archive goes decides how it is written: a device or FIFO (`-o /dev/stdout`, a pipe to
+    # `ssh`) in place, never renamed over; a regular file (symlinks followed, as a shell's `>` does) under a
+    # temporary name, then renamed, replacing an existing file only with --force; anything else is refused.
+    target, kind = output_kind(out)
+    if kind == STREAM:
+        with open_output(target, "wb") as handle:
+            _write_archive(handle, bundle, manifest, top, include_engines, mode="w|gz")
+        return out
+    _check_archive_target(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
-            text = _archive_manifest_text(bundle.root / MANIFEST, include_engines)
-            tar.addfile(_tarinfo(f"{top}/{MANIFEST}", len(text), (bundle.root / MANIFEST).stat().st_mtime), io.BytesIO(text))
-            signature = bundle.root / SIGNATURE
-            if signature.is_file() and not signature.is_symlink():
-                data = signature.read_bytes()
-                tar.addfile(_tarinfo(f"{top}/{SIGNATURE}", len(data), signature.stat().st_mtime), io.BytesIO(data))
-            for rel, entry in manifest.files.items():
-                path = bundle.root / rel
-                with open(path, "rb") as handle:
-                    reader = _HashingReader(handle)
-                    tar.addfile(_tarinfo(f"{top}/{rel}", entry.size, path.stat().st_mtime), reader)
-                if reader.digest.hexdigest() != entry.sha256:
-                    raise ArchiveError(f"{path}: changed while it was being packed; pack again")
+        with open(tmp, "wb") as handle:
+            _write_archive(handle, bundle, manifest, top, include_engines, mode="w:gz")
+            handle.flush()
+            os.fsync(handle.fileno())
         if force:
-            _check_archive_target(out, force)  # still a regular file (or gone)
-            os.replace(tmp, out)
+            _check_archive_target(target, force)  # still a regular file (or gone)
+            os.replace(tmp, target)
         else:
             try:
-                rename_no_replace(tmp, out)
+                rename_no_replace(tmp, target)
             except FileExistsError:
                 raise ArchiveError(f"{out}: appeared while packing (another pcedge run?); it was kept, nothing written") from None
     except BaseException:

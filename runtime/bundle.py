@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import manifest_schema
-from .files import write_text_atomic
+from .files import remove_stale_temporaries, temporary_prefix, write_text_atomic
 from .signing import SIGNATURE, SignatureError, verify_manifest_signature
 
 FORMAT = "pcedge-bundle"
@@ -597,7 +597,8 @@ class BundleWriter:
         check_replaceable(self.target, force)
         check_outside_inputs(self.target, inputs)
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent))
+        remove_stale_temporaries(self.target)  # .NAME.<pid>.*.partial of exports that were killed
+        self.tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(self.target), suffix=".partial", dir=self.target.parent))
         self.committed = False
 
     def path(self, rel: str) -> Path:

@@ -19,11 +19,14 @@ def expand_inputs(items: list[str]) -> list[Path]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            # Image-named symlinks that lead nowhere (loops, missing targets) are kept: reading them reports
+            # them like any other unreadable image, rather than their vanishing silently.
+            found = sorted(p for p in path.rglob("*")
+                           if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()))
             if not found:
                 raise FileNotFoundError(f"{path}: folder contains no images")
             out.extend(found)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             out.append(path)
         elif any(ch in item for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if os.path.isfile(m))
@@ -34,7 +37,10 @@ def expand_inputs(items: list[str]) -> list[Path]:
             raise FileNotFoundError(f"{item}: no such file or folder")
     seen, unique = set(), []
     for p in out:
-        key = p.resolve()
+        try:
+            key = p.resolve()
+        except RuntimeError:  # a symlink loop (Python < 3.13): keep it, reading it reports the loop
+            key = p.absolute()
         if key not in seen:
             seen.add(key)
             unique.append(p)
@@ -46,10 +52,21 @@ def expand_inputs(items: list[str]) -> list[Path]:
 def unique_names(paths: list[Path]) -> list[str]:
     """Output file stems that stay distinct when inputs share names in different folders
     (MVTec's test/good/000.png and test/crack/000.png): the path relative to the inputs' common folder."""
-    resolved = [p.resolve() for p in paths]
-    common = Path(os.path.commonpath([str(p.parent) for p in resolved])) if len(resolved) > 1 else resolved[0].parent
-    names = []
-    for p in resolved:
-        rel = p.relative_to(common).with_suffix("")
-        names.append("__".join(rel.parts))
+    absolute = [Path(os.path.abspath(p)) for p in paths]  # not resolve(): a symlink's own name counts
+    common = Path(os.path.commonpath([str(p.parent) for p in absolute])) if len(absolute) > 1 else absolute[0].parent
+    stems = ["__".join(p.relative_to(common).with_suffix("").parts) for p in absolute]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    # part.jpg and part.png in one folder: keep the suffix in the name, or one overlay would overwrite the other.
+    names = [stem if counts[stem] == 1 else f"{stem}_{p.suffix.lstrip('.').lower()}"
+             for stem, p in zip(stems, absolute)]
+    taken: set[str] = set()
+    for i, name in enumerate(names):  # still equal (part.JPG and part.jpg): number them
+        candidate, n = name, 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{name}_{n}"
+        names[i] = candidate
+        taken.add(candidate)
     return names

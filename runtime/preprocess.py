@@ -10,6 +10,7 @@ image's coordinates, marking pixels the network never saw as NaN.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,11 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """
     path = str(path)
     if not os.path.isfile(path):
-        raise ImageError(f"{path}: no such file")
-    data = np.fromfile(path, dtype=np.uint8)  # fromfile + imdecode also handles non-ASCII paths
+        raise ImageError(f"{path}: {_why_not_a_file(path)}")
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # fromfile + imdecode also handles non-ASCII paths
+    except OSError as exc:  # permission denied, I/O error: this image is bad, the run goes on
+        raise ImageError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     if data.size == 0:
         raise ImageError(f"{path}: empty file")
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -74,20 +78,50 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     return image
 
 
+def _why_not_a_file(path: str) -> str:
+    """Why ``path`` is not a readable regular file, in words (a symlink loop is not "no such file")."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if os.path.islink(path):
+            if exc.errno == errno.ELOOP:
+                return "symlink loop (the link points back to itself); not readable"
+            if exc.errno == errno.ENOENT:
+                return f"broken symlink (its target {os.readlink(path)!r} does not exist)"
+        if exc.errno == errno.ENOENT:
+            return "no such file"
+        return f"cannot be read ({exc.strerror or exc})"
+    return "not a regular file"
+
+
 def check_frame(image: np.ndarray, source: str = "<array>") -> None:
-    """Raise :class:`ImageError` unless ``image`` is a usable OpenCV-convention frame."""
+    """Raise :class:`ImageError` unless ``image`` is a usable OpenCV-convention frame.
+
+    Float frames must be finite: a NaN patch would give a NaN score, and ``NaN > threshold`` is False,
+    so the image would be judged good.
+    """
     if not isinstance(image, np.ndarray) or image.size == 0:
         raise ImageError(f"{source}: empty or undecodable image")
     if image.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
         raise ImageError(f"{source}: unsupported pixel type {image.dtype}")
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
         raise ImageError(f"{source}: unsupported image shape {list(image.shape)} (expected gray, BGR or BGRA)")
+    if image.dtype.kind == "f":
+        finite = np.isfinite(image)
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            raise ImageError(f"{source}: {bad} non-finite pixel value(s) (NaN or inf); refused, it cannot be scored")
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
-    """Image files directly inside ``folder`` (by suffix), sorted by name."""
+    """Image files directly inside ``folder`` (by suffix), sorted by name.
+
+    A symlink with an image suffix that does not lead to a file (a loop, a missing target) is listed too,
+    so that reading it reports it like any other unreadable image instead of it vanishing silently.
+    """
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()))
 
 
 @dataclass(frozen=True)

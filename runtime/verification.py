@@ -7,6 +7,7 @@ the worst relative image-score error of HNSW (with the exact re-scoring pass) ag
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,6 +45,24 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
+def _threshold_check(value) -> Check:
+    """The threshold must be a positive finite number: at 0 every image but a perfect copy is anomalous, and
+    NaN makes every verdict "good" (``score > NaN`` is False)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    detail = f"{value:.6g} (a positive finite number)" if ok else f"{value!r} is not a positive finite number"
+    return Check("threshold", ok, detail)
+
+
+def _spread_check(scores: np.ndarray, bank_rows: int, scoring) -> Check:
+    """A detector whose reference images all score 0 cannot tell anything apart (a one-row memory bank, or
+    Eq. 7 with b = 1: the weight is then 0 for every image)."""
+    if scores.size and float(np.max(scores)) > 0.0:
+        return Check("score spread", True, f"reference scores {float(np.min(scores)):.4g} to {float(np.max(scores)):.4g}")
+    return Check("score spread", False,
+                 f"all {scores.size} reference images score 0: the detector cannot tell anything apart "
+                 f"(memory bank of {bank_rows} row(s), Eq. 7 b={scoring.reweight_b}); export it again")
+
+
 def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precision: str | None,
                ef: int | None, trust=None, on_open: Callable[[Backend], None] | None = None) -> tuple[list[Check], str]:
     """Every check as a :class:`Check` (PASS/FAIL with figures): ``(checks, backend description)``. A check that
@@ -77,6 +96,7 @@ def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precisi
         checks.append(Check("reference data", False, f"{bundle.root}: the bundle stores no check/ reference data"))
         return checks, ""
     images, ref_emb, ref_scores = arrays
+    checks.append(_threshold_check(m.threshold.value))
     exact_scorer = Scorer(bank, exact, exact, m.scoring)
 
     def image_scores(scorer, emb):
@@ -122,6 +142,7 @@ def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precisi
                             f"max rel error {rel:.2e} (need <= {FP32_REL_TOL:g}); min cosine {cos:.6f}"))
         checks.append(Check("image scores", score_rel <= FP32_REL_TOL,
                             f"max rel error {score_rel:.2e} (need <= {FP32_REL_TOL:g}) on {len(scores)} images"))
+    checks.append(_spread_check(scores, bank.shape[0], m.scoring))
 
     if ef is not None and ef < 1:
         checks.append(Check("hnsw recall@1", False, f"--ef {ef}: must be >= 1"))

@@ -53,7 +53,7 @@ def test_predict_bad_inputs(fixture_bundle, tmp_path, capsys):
 def test_verify_passes_and_fails_on_tampering(fixture_bundle, tmp_path, capsys):
     assert main(["verify", str(fixture_bundle), "--backend", "ort-cpu"]) == 0
     text = capsys.readouterr().out
-    assert text.count("PASS ") == 6 and "PASS  index file" in text and "hnsw recall@1" in text and "worst rel error" in text
+    assert text.count("PASS ") == 8 and "PASS  index file" in text and "threshold" in text and "score spread" in text and "hnsw recall@1" in text and "worst rel error" in text
     copy = tmp_path / "t.pcedge"
     shutil.copytree(fixture_bundle, copy)
     with open(copy / "model.onnx", "r+b") as f:

@@ -59,8 +59,11 @@ def test_existing_output_needs_force_and_no_images_is_an_error(fixture_bundle, t
 
 
 def test_input_size_must_be_a_multiple_of_16(tmp_path, capsys):
-    assert main(["export", "--data", str(BSD), "-o", str(tmp_path / "x.pcedge"), "--size", "200", "--quiet"]) == 2
-    assert "multiple of 16" in capsys.readouterr().err
+    # Refused by the argument parser, before torch is even imported.
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--data", str(BSD), "-o", str(tmp_path / "x.pcedge"), "--size", "200", "--quiet"])
+    assert exc.value.code == 2
+    assert "argument --size" in (err := capsys.readouterr().err) and "multiple of 16" in err
 
 
 def test_interrupted_export_leaves_no_bundle(monkeypatch, tmp_path):

@@ -193,11 +193,16 @@ def test_pack_needs_force_to_replace_a_file_and_never_replaces_other_kinds(tiny,
     folder = tmp_path / "folder.tar.gz"
     folder.mkdir()
     code, _, err = run_cli(["pack", str(tiny), "-o", str(folder), "--force"], capsys)
-    assert code == 2 and "exists and is not a regular file; refused" in err and folder.is_dir()
+    assert code == 2 and f"{folder} is a folder; refused: give a file name" in err and folder.is_dir()
+    # A symlink is followed, as a shell's `>` does: the file it points to needs --force like any file, is
+    # replaced with it, and the link stays a link.
     link = tmp_path / "link.tar.gz"
     link.symlink_to(out)
-    code, _, err = run_cli(["pack", str(tiny), "-o", str(link), "--force"], capsys)
-    assert code == 2 and "is not a regular file" in err and link.is_symlink()
+    out.write_text("an older archive again")
+    code, _, err = run_cli(["pack", str(tiny), "-o", str(link)], capsys)
+    assert code == 2 and "already exists; pass --force to replace it" in err and out.read_text() == "an older archive again"
+    code, _, _ = run_cli(["pack", str(tiny), "-o", str(link), "--force"], capsys)
+    assert code == 0 and link.is_symlink() and tarfile.is_tarfile(out)
     assert _hidden(tmp_path) == []
 
 

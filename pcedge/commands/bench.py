@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pcedge.commands.common import EF, THREADS, check_outputs, int_at_least, q
 from pcedge.runtime.backends import BACKENDS
 from pcedge.runtime.bundle import BundleError
 from pcedge.runtime.evaluation.latency import ALL_BACKENDS, ALL_INDEXES, BenchConfig, markdown, run_bench
@@ -54,10 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=parse_indexes, default=ALL_INDEXES,
                         help="all (exact,hnsw; default) or a comma list of exact, hnsw, auto")
     parser.add_argument("--batch", type=parse_batches, default=(1, 4, 8), help="batch sizes (default 1,4,8)")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per backend x index x batch (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed calls before timing (default 5)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
-    parser.add_argument("--ef", type=int, default=None, help="HNSW query ef (default: the bundle's)")
+    parser.add_argument("--repeats", type=int_at_least("--repeats", 1), default=30, help="timed calls per backend x index x batch (default 30)")
+    parser.add_argument("--warmup", type=int_at_least("--warmup", 0), default=5, help="untimed calls before timing (default 5)")
+    parser.add_argument("--threads", type=THREADS, default=None, help="CPU threads (default: all available)")
+    parser.add_argument("--ef", type=EF, default=None, help="HNSW query ef (default: the bundle's)")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default=None, help="TensorRT engine precision")
     parser.add_argument("--no-peak", action="store_true", help="skip measuring this machine's peak FLOP/s and bandwidth")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the report as JSON")
@@ -65,8 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.repeats < 1 or args.warmup < 0:
-        print("pcedge bench: --repeats must be at least 1 and --warmup at least 0", file=sys.stderr)
+    if not check_outputs("bench", files={"--json": args.json, "--md": args.md}):
         return 2
     config = BenchConfig(
         bundle=Path(args.bundle), images=args.images, backends=tuple(args.backend), indexes=tuple(args.index),
@@ -85,15 +85,20 @@ def run(args: argparse.Namespace) -> int:
     text = markdown(report)
     print()
     print(text)
-    if args.json:
-        write_json(args.json, report)
-        print(f"wrote {args.json}")
-    if args.md:
-        write_text_atomic(args.md, text)
-        print(f"wrote {args.md}")
+    for flag, path, write in (("--json", args.json, lambda p: write_json(p, report)),
+                              ("--md", args.md, lambda p: write_text_atomic(p, text))):
+        if path is None:
+            continue
+        try:
+            write(path)
+        except OSError as exc:  # checked up front; the disk can still fill up
+            print(f"pcedge bench: {flag} {path}: not written ({exc.strerror or exc})", file=sys.stderr)
+            return 2
+        print(f"wrote {path}")
+    bundle = q(args.bundle)
     if any(s.backend == "tensorrt" for s in report.skipped):
-        print(f"next: on a device with TensorRT, pcedge build-engine {args.bundle} && pcedge bench {args.bundle} "
-              f"--backend tensorrt   |   pcedge watch {args.bundle} SOURCE")
+        print(f"next: on a device with TensorRT, pcedge build-engine {bundle} && pcedge bench {bundle} "
+              f"--backend tensorrt   |   pcedge watch {bundle} SOURCE")
     else:
-        print(f"next: pcedge watch {args.bundle} SOURCE")
+        print(f"next: pcedge watch {bundle} SOURCE")
     return 0

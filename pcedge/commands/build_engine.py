@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from pcedge.commands.common import int_at_least, q
 from pcedge.runtime.bundle import BundleError, EngineSpec, open_bundle
 from pcedge.runtime.errors import TensorRTUnavailable
 
@@ -17,13 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
                         help="engine precision (default auto: fp16 when the GPU has fast FP16, else fp32)")
-    parser.add_argument("--min-batch", type=int, default=1, help="smallest batch the engine accepts (default 1)")
-    parser.add_argument("--opt-batch", type=int, default=None,
+    parser.add_argument("--min-batch", type=int_at_least("--min-batch", 1), default=1,
+                        help="smallest batch the engine accepts (default 1)")
+    parser.add_argument("--opt-batch", type=int_at_least("--opt-batch", 1), default=None,
                         help="batch the kernels are tuned for (default: the bundle's input.opt_batch, 1)")
-    parser.add_argument("--max-batch", type=int, default=None,
+    parser.add_argument("--max-batch", type=int_at_least("--max-batch", 1), default=None,
                         help="largest batch the engine accepts (default: the bundle's input.max_batch, 8); "
                              "larger batches are split")
-    parser.add_argument("--workspace", type=int, default=1024, metavar="MB",
+    parser.add_argument("--workspace", type=int_at_least("--workspace", 1), default=1024, metavar="MB",
                         help="TensorRT workspace limit in MB (default 1024; Jetson memory is shared with the CPU)")
     parser.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",
                         help="TensorRT timing cache to load and update; speeds up rebuilds on the same device. "
@@ -112,5 +114,5 @@ def run(args: argparse.Namespace) -> int:
     if report.timing_cache is not None:
         state = "reused and updated" if report.timing_cache_reused else "created"
         print(f"wrote       timing cache {report.timing_cache} ({state})")
-    print(f"next: pcedge verify {bundle.root} --backend tensorrt")
+    print(f"next: pcedge verify {q(bundle.root)} --backend tensorrt")
     return 0

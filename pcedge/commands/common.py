@@ -1,20 +1,76 @@
-"""Arguments and helpers shared by the device commands (predict, verify, eval, bench, watch)."""
+"""Arguments and helpers shared by the commands: the detector arguments of the device commands, argparse
+``type=`` checks for every numeric flag, output-path checks, SIGTERM handling and ``next:`` hints."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import shlex
+import signal
+import sys
+import threading
 
 from pcedge.runtime.backends import BACKENDS
 
+# ----------------------------------------------------------------------------------------------- flag types
+# Each returns an argparse ``type=`` function, so a bad value is refused before any work with
+# "argument --FLAG: must be ..., got VALUE" and exit code 2. The bounds are the smallest values that can work.
+# ``flag`` names the flag for a reader of the code; argparse puts it in the message itself.
 
+
+def int_at_least(flag: str, low: int, why: str = "", high: int | None = None):
+    """An integer ``low <= v (<= high)``; ``why`` says what the bound is for."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}{why}, got {text}")
+        return value
+
+    return parse
+
+
+def finite_float(flag: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                 high_open: bool = False, why: str = ""):
+    """A finite float within ``[low, high]`` (``low_open`` / ``high_open`` exclude the bound)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(b for b in (lo, hi) if b)}{why}, got {text}")
+        return value
+
+    return parse
+
+
+THREADS = int_at_least("--threads", 1)
+EF = int_at_least("--ef", 1, " (HNSW query candidate list; the bundle's default is 32)")
+THRESHOLD = finite_float("--threshold")
+
+
+# ----------------------------------------------------------------------------------------------- detector
 def add_detector_arguments(parser: argparse.ArgumentParser, index: bool = True) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="inference backend (default auto: TensorRT engine > ONNX Runtime CUDA > CPU)")
     if index:
         parser.add_argument("--index", choices=("auto", "exact", "hnsw"), default="auto",
                             help="nearest-neighbour search (default auto: exact for small banks, HNSW above)")
-        parser.add_argument("--ef", type=int, default=None, help="HNSW query ef (default: the bundle's)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+        parser.add_argument("--ef", type=EF, default=None, help="HNSW query ef (default: the bundle's)")
+    parser.add_argument("--threads", type=THREADS, default=None, help="CPU threads (default: all available)")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default=None,
                         help="TensorRT engine precision to prefer; with --backend ort-cuda, fp16 runs the bundle's "
                              "float16 graph (model_fp16.onnx)")
@@ -57,8 +113,6 @@ def percentile(values: list[float], q: float) -> float:
 def open_detector(args: argparse.Namespace, command: str):
     """The command's :class:`~pcedge.runtime.detector.Detector`, or None after printing why it cannot open
     (missing or tampered bundle, unavailable backend, bad option) as ``pcedge COMMAND: reason``."""
-    import sys
-
     from pcedge.runtime.bundle import BundleError
     from pcedge.runtime.detector import Detector
     from pcedge.runtime.errors import BackendUnavailable
@@ -70,3 +124,65 @@ def open_detector(args: argparse.Namespace, command: str):
         return None
     print_skipped(detector.backend, args, command)
     return detector
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def check_outputs(command: str, files: dict[str, object] | None = None, folders: dict[str, object] | None = None) -> bool:
+    """Check output paths before any work (``{"--jsonl": path or None}``); print ``pcedge COMMAND: --FLAG
+    PATH: why`` and return False for the first that cannot be written."""
+    from pcedge.runtime.files import OutputError, check_output, check_output_dir
+
+    for flag, path in (files or {}).items():
+        if path is None:
+            continue
+        try:
+            check_output(path)
+        except OutputError as exc:
+            print(f"pcedge {command}: {flag} {exc}", file=sys.stderr)
+            return False
+    for flag, path in (folders or {}).items():
+        if path is None:
+            continue
+        try:
+            check_output_dir(path)
+        except OutputError as exc:
+            print(f"pcedge {command}: {flag} {exc}", file=sys.stderr)
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- signals
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises :class:`KeyboardInterrupt` in the main thread while the block runs, so that ``kill PID``
+    (a service manager stopping pcedge) is handled like Ctrl-C: what was done is flushed, and said."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt_exit_code(exc: KeyboardInterrupt) -> int:
+    """143 (128 + SIGTERM) for a SIGTERM raised by :func:`sigterm_as_interrupt`, else 130 (128 + SIGINT)."""
+    return 128 + signal.SIGTERM if exc.args and exc.args[0] == "SIGTERM" else 130
+
+
+# ----------------------------------------------------------------------------------------------- hints
+def q(value) -> str:
+    """A path or argument quoted for the ``next:`` hints, so that a path with spaces can be pasted."""
+    return shlex.quote(str(value))
+
+
+def os_error_text(exc: OSError) -> str:
+    """``PATH: reason`` for an OS error (not Python's ``[Errno 13] Permission denied: 'PATH'``)."""
+    if exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return exc.strerror or str(exc)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pcedge.commands.common import add_detector_arguments, open_detector
+from pcedge.commands.common import add_detector_arguments, check_outputs, int_at_least, open_detector, os_error_text, q
 from pcedge.runtime.evaluation.accuracy import DEFAULT_PIXEL_SIZE, EvalReport, coverage_warning, evaluate, format_report
 from pcedge.runtime.evaluation.dataset import DatasetError, load_category
 from pcedge.runtime.evaluation.metrics import MetricError
@@ -24,22 +24,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="category folder: test/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the full report here")
     add_detector_arguments(parser)
-    parser.add_argument("--batch", type=int, default=8, help="images per backbone call (default 8)")
-    parser.add_argument("--pixel-size", type=int, default=DEFAULT_PIXEL_SIZE, metavar="N",
+    parser.add_argument("--batch", type=int_at_least("--batch", 1), default=8, help="images per backbone call (default 8)")
+    parser.add_argument("--pixel-size", type=int_at_least("--pixel-size", 0), default=DEFAULT_PIXEL_SIZE, metavar="N",
                         help=f"pixel metrics at the mask resolution scaled so the longer side is <= N "
                              f"(default {DEFAULT_PIXEL_SIZE}; 0 = the masks' own resolution)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def run(args: argparse.Namespace) -> int:
-
-    if args.batch < 1:
-        print("pcedge eval: --batch must be at least 1", file=sys.stderr)
+    if not check_outputs("eval", files={"--json": args.json}):
         return 2
     try:
         category = load_category(args.data)
     except DatasetError as exc:
         print(f"pcedge eval: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:  # a folder of the category that cannot be listed
+        print(f"pcedge eval: {os_error_text(exc)}", file=sys.stderr)
         return 2
     detector = open_detector(args, "eval")
     if detector is None:
@@ -66,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
     if args.json:
-        write_json(args.json, report)
+        try:
+            write_json(args.json, report)
+        except OSError as exc:  # checked up front; the disk can still fill up or the folder vanish
+            print(f"pcedge eval: --json {args.json}: not written ({exc.strerror or exc})", file=sys.stderr)
+            return 2
         print(f"wrote {args.json}")
-    print(f"next: pcedge predict {args.bundle} {category.root / 'test'} --save-maps maps/   (look at the anomaly maps)")
+    print(f"next: pcedge predict {q(args.bundle)} {q(category.root / 'test')} --save-maps maps/   (look at the anomaly maps)")
     return 0

@@ -4,29 +4,40 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
+
+from pcedge.export.limits import (
+    MAX_TARGET_FPR, MIN_CORESET_COUNT, MIN_HNSW_M, MIN_REWEIGHT_B, MIN_TARGET_FPR, coreset_count_problem,
+)
+from pcedge.commands.common import (
+    EF, THREADS, finite_float, int_at_least, interrupt_exit_code, os_error_text, q, sigterm_as_interrupt,
+)
 
 HELP = "fit PatchCore on good images and write a deployable bundle (workstation; needs torch)"
 
 
 def parse_coreset(text: str) -> float | int:
-    """``0.1`` (a ratio in (0, 1]) or ``5000`` (a count)."""
+    """``0.1`` (a ratio in (0, 1]) or ``5000`` (a count, at least 2)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--coreset {text!r}: expected a ratio like 0.1 or a count like 5000") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite ratio in (0, 1] or a count of at least {MIN_CORESET_COUNT}, got {text}")
     if "." in text or "e" in text.lower():
         if not 0.0 < value <= 1.0:
-            raise argparse.ArgumentTypeError(f"--coreset ratio {text} must lie in (0, 1]")
+            raise argparse.ArgumentTypeError(f"a ratio must lie in (0, 1], got {text}")
         return value
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--coreset count {text} must be at least 1")
+    if value < MIN_CORESET_COUNT:
+        raise argparse.ArgumentTypeError(f"count {text} must be at least {MIN_CORESET_COUNT} (a one-row memory bank scores "
+                                         "every image the same); with Eq. 7 at least --b")
     return int(value)
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """``224`` or ``WIDTHxHEIGHT`` (e.g. ``448x192``) -> (height, width)."""
+    """``224`` or ``WIDTHxHEIGHT`` (e.g. ``448x192``) -> (height, width), sides positive multiples of 16."""
     try:
         if "x" in text.lower():
             w, h = (int(v) for v in text.lower().split("x"))
@@ -34,6 +45,10 @@ def parse_size(text: str) -> tuple[int, int]:
             w = h = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--size {text!r}: expected N or WIDTHxHEIGHT, e.g. 224 or 448x192") from None
+    for side in (w, h):
+        if side < 16 or side % 16:
+            raise argparse.ArgumentTypeError(f"{text}: each side must be a positive multiple of 16 "
+                                             f"(e.g. {max(16, side // 16 * 16)} or {max(16, -(-side // 16) * 16)})")
     return h, w
 
 
@@ -52,33 +67,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random backbone weights: for speed benchmarks only, useless for detection")
     parser.add_argument("--coreset", type=parse_coreset, default=None,
                         help="coreset size: a ratio (0.1) or a count (5000); 1.0 keeps the full memory bank "
-                             "(default: see README, 'Choosing the coreset')")
-    parser.add_argument("--dim", type=int, default=None, help="project patch features to this many channels")
+                             "(default 0.01 = 1 %%; README, 'Choosing the coreset', has the measurements)")
+    parser.add_argument("--dim", type=int_at_least("--dim", 1), default=None, help="project patch features to this many channels")
     parser.add_argument("--size", type=parse_size, default=(g.height, g.width), metavar="N|WxH",
                         help=f"network input size, multiples of 16 (default {g.width})")
     parser.add_argument("--mode", choices=("stretch", "letterbox", "crop"), default=g.mode,
                         help="how a frame becomes the input: stretch (whole frame, default), letterbox "
                              "(whole frame, aspect kept, padded) or crop (the paper's resize + centre crop)")
-    parser.add_argument("--resize", type=int, default=g.resize, help="crop mode: shorter side before the crop (256)")
-    parser.add_argument("--crop", type=int, default=None, metavar="N",
+    parser.add_argument("--resize", type=int_at_least("--resize", 16), default=g.resize, help="crop mode: shorter side before the crop (256)")
+    parser.add_argument("--crop", type=int_at_least("--crop", 16), default=None, metavar="N",
                         help="shorthand for --mode crop --size N (the paper's MVTec protocol: --resize 256 --crop 224)")
     parser.add_argument("--val", type=Path, default=None, help="folder of held-out good images for the threshold")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
+    parser.add_argument("--val-fraction", type=finite_float("--val-fraction", 0, 1, low_open=True, high_open=True), default=0.1,
                         help="else hold out this seeded fraction of the training images (default 0.1, at least 3)")
-    parser.add_argument("--fpr", type=float, default=0.01, help="target false-alarm rate on good parts (default 0.01)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=8, help="images per forward pass while fitting")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
-    parser.add_argument("--M", dest="hnsw_M", type=int, default=IndexSpec().M, help="HNSW graph degree")
-    parser.add_argument("--ef-construction", type=int, default=IndexSpec().ef_construction)
-    parser.add_argument("--ef", type=int, default=IndexSpec().ef, help="default HNSW query ef stored in the bundle")
+    parser.add_argument("--fpr", type=finite_float("--fpr", MIN_TARGET_FPR, MAX_TARGET_FPR), default=0.01,
+                        help=f"target false-alarm rate on good parts, {MIN_TARGET_FPR:g} to {MAX_TARGET_FPR:g} (default 0.01)")
+    parser.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
+    parser.add_argument("--batch", type=int_at_least("--batch", 1), default=8, help="images per forward pass while fitting")
+    parser.add_argument("--threads", type=THREADS, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--M", dest="hnsw_M", type=int_at_least("--M", MIN_HNSW_M, " (HNSW graph degree)"),
+                        default=IndexSpec().M, help="HNSW graph degree")
+    parser.add_argument("--ef-construction", type=int_at_least("--ef-construction", 1), default=IndexSpec().ef_construction)
+    parser.add_argument("--ef", type=EF, default=IndexSpec().ef, help="default HNSW query ef stored in the bundle")
     parser.add_argument("--no-reweight", action="store_true", help="image score = max patch score (no Eq. 7)")
-    parser.add_argument("--b", type=int, default=ScoringSpec().reweight_b, help="Eq. 7 support neighbours |N_b(m*)|")
-    parser.add_argument("--force", action="store_true", help="replace an existing pcedge bundle at the output (anything else there is refused)")
+    parser.add_argument("--b", type=int_at_least("--b", MIN_REWEIGHT_B, " (with b = 1 every Eq. 7 score is 0)"),
+                        default=ScoringSpec().reweight_b, help="Eq. 7 support neighbours |N_b(m*)| (default 9, at least 2)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing pcedge bundle at the output (anything else there is refused)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    # Before torch is imported (seconds): the one cross-flag check that needs no data.
+    if isinstance(args.coreset, int):
+        problem = coreset_count_problem(args.coreset, not args.no_reweight, args.b, str(args.coreset))
+        if problem:
+            print(f"pcedge export: {problem}", file=sys.stderr)
+            return 2
     # Our own progress notes at INFO; other libraries (onnx, torch) stay at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("pcedge").setLevel(logging.WARNING if args.quiet else logging.INFO)
@@ -110,9 +135,17 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     try:
-        report = export_bundle(config)
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        with sigterm_as_interrupt():  # kill PID: the temporary bundle is removed, as after Ctrl-C
+            report = export_bundle(config)
+    except KeyboardInterrupt as exc:
+        why = exc.args[0] if exc.args else "SIGINT"
+        print(f"pcedge export: interrupted by {why}; nothing written to {config.output}", file=sys.stderr)
+        return interrupt_exit_code(exc)
+    except (FileExistsError, FileNotFoundError, ValueError, MemoryError) as exc:
         print(f"pcedge export: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:  # a data folder that cannot be listed (a file inside is skipped instead)
+        print(f"pcedge export: {os_error_text(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:
         from pcedge.export.backbones import WeightsUnavailable
@@ -134,5 +167,5 @@ def run(args: argparse.Namespace) -> int:
         for line in report.skipped:
             print(f"    {line}")
     print("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
-    print(f"next: pcedge info {report.bundle}   |   pcedge predict {report.bundle} IMAGES... --save-maps out/")
+    print(f"next: pcedge info {q(report.bundle)}   |   pcedge predict {q(report.bundle)} IMAGES... --save-maps out/")
     return 0

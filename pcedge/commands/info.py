@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
+from pcedge.commands.common import q
 from pcedge.runtime.bundle import BundleError, open_bundle
 
 HELP = "show what a bundle holds (model, memory bank, index, threshold, engines, files)"
@@ -56,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
         f"ef_construction {m.index.ef_construction}, default ef {m.index.ef}",
         f"scoring     k={m.scoring.k}, Eq. 7 re-weighting {'on' if m.scoring.reweight else 'off'} (b={m.scoring.reweight_b}), "
         f"blur sigma {m.scoring.blur_sigma} at {m.scoring.blur_reference_size}px",
-        f"threshold   {t.value:.5f} for FPR {t.target_fpr:g}: {t.method}; source {t.source}; normalised scale {t.scale:.5f}",
+        f"threshold   {t.value:.5f} for FPR {t.target_fpr:g}: {t.method}; source {t.source}; normalised scale {t.scale:.5f}"
+        + ("" if math.isfinite(t.value) and t.value > 0 else
+           "  (NOT USABLE: not a positive finite number; `pcedge verify` fails this bundle)"),
         f"check       {len(m.check.names)} reference images for `pcedge verify`: {', '.join(m.check.names)}",
     ]
     if m.engines:
@@ -71,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
     lines.append("files       " + ", ".join(f"{k} ({v.size / 1e6:.2f} MB)" for k, v in m.files.items()))
     lines.append("checksums   " + ("not verified (--no-verify)" if args.no_verify else "all verified"))
     print("\n".join(lines))
-    print(f"next: pcedge verify {bundle.root}   |   pcedge predict {bundle.root} IMAGES...")
+    print(f"next: pcedge verify {q(bundle.root)}   |   pcedge predict {q(bundle.root)} IMAGES...")
     return 0

@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from pcedge.commands.common import q
 from pcedge.runtime.archive import archive_digest, pack
 from pcedge.runtime.bundle import BundleError
+from pcedge.runtime.files import STREAM, output_kind
 
 HELP = "pack a bundle into one verified .tar.gz for copying to a device"
 
@@ -22,12 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        _, kind = output_kind(args.output)
         out = pack(args.bundle, args.output, include_engines=args.include_engines, force=args.force)
     except (BundleError, OSError) as exc:
         print(f"pcedge pack: {exc}", file=sys.stderr)
         return 2
     engines = "with engines" if args.include_engines else "without engines (build them on the device)"
+    if kind == STREAM:  # a device or pipe: it cannot be read back for its size and digest
+        print(f"wrote       {out} (a device or pipe, {engines})")
+        return 0
     print(f"wrote       {out} ({out.stat().st_size / 1e6:.2f} MB, {engines})")
     print(f"sha256      {archive_digest(out)}")
-    print(f"next: copy {out.name} to the device, then: pcedge unpack {out.name} {Path(args.bundle).resolve().name}")
+    print(f"next: copy {q(out.name)} to the device, then: pcedge unpack {q(out.name)} {q(Path(args.bundle).resolve().name)}")
     return 0

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pcedge.commands.common import q
 from pcedge.runtime.archive import unpack
 from pcedge.runtime.bundle import BundleError
 
@@ -28,5 +29,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     signed = f"; signed by the trusted key {args.trust}" if args.trust else ""
     print(f"wrote       {dest} (every file's sha256 matches its manifest{signed})")
-    print(f"next: pcedge build-engine {dest}   (or without TensorRT: pcedge verify {dest})")
+    print(f"next: pcedge build-engine {q(dest)}   (or without TensorRT: pcedge verify {q(dest)})")
     return 0

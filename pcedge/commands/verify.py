@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from pcedge.commands.common import add_detector_arguments, print_skipped
+from pcedge.commands.common import EF, add_detector_arguments, print_skipped, q
 from pcedge.runtime.verification import run_checks
 
 HELP = "acceptance test on the device: checksums, backend vs stored reference, index recall (PASS/FAIL)"
@@ -14,7 +14,7 @@ HELP = "acceptance test on the device: checksums, backend vs stored reference, i
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
     add_detector_arguments(parser, index=False)
-    parser.add_argument("--ef", type=int, default=None, help="HNSW query ef to check (default: the bundle's)")
+    parser.add_argument("--ef", type=EF, default=None, help="HNSW query ef to check (default: the bundle's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     failed = [c for c in checks if not c.passed]
     if failed:
         print(f"FAIL: {len(failed)} of {len(checks)} checks failed. When reporting, include this output and "
-              f"`pcedge info {args.bundle}`.")
+              f"`pcedge info {q(args.bundle)}`.")
         return 1
-    print(f"PASS: all {len(checks)} checks. next: pcedge watch {args.bundle} SOURCE")
+    print(f"PASS: all {len(checks)} checks. next: pcedge watch {q(args.bundle)} SOURCE")
     return 0

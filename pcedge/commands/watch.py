@@ -7,7 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from pcedge.commands.common import add_detector_arguments, open_detector
+from pcedge.commands.common import (
+    THRESHOLD, add_detector_arguments, check_outputs, finite_float, int_at_least, open_detector, q,
+)
 
 HELP = "live inference on a camera, RTSP/HTTP stream, GStreamer pipeline, video file or image folder"
 
@@ -17,44 +19,42 @@ SOURCE_HELP = (
 )
 
 
-def _positive(kind: type):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
     parser.add_argument("source", help=SOURCE_HELP)
     add_detector_arguments(parser)
-    parser.add_argument("--threshold", type=float, default=None, help="override the bundle's calibrated threshold")
-    parser.add_argument("--fps", type=_positive(float), default=None,
+    parser.add_argument("--threshold", type=THRESHOLD, default=None, help="override the bundle's calibrated threshold")
+    parser.add_argument("--fps", type=finite_float("--fps", 0, low_open=True), default=None,
                         help="folders and files: play at this rate (default: as fast as processed); cameras: requested rate")
     parser.add_argument("--loop", action="store_true", help="replay a file or folder from the start when it ends")
     parser.add_argument("--jsonl", type=Path, default=None, metavar="FILE",
                         help="event log: one JSON line per frame (processed, dropped or skipped) and per source fault")
     parser.add_argument("--save-dir", type=Path, default=None, metavar="DIR",
                         help="save anomalous frames and their overlays here")
-    parser.add_argument("--save-every-s", type=float, default=5.0, metavar="S",
+    parser.add_argument("--save-every-s", type=finite_float("--save-every-s", 0), default=5.0, metavar="S",
                         help="save at most one anomalous frame per S seconds (default 5)")
     parser.add_argument("--video-out", type=Path, default=None, metavar="FILE",
                         help="annotated video of the processed frames (.mp4, .avi, .mkv)")
     parser.add_argument("--show", action="store_true", help="show a window (needs OpenCV with GUI support)")
-    parser.add_argument("--max-frames", type=_positive(int), default=None, metavar="N",
+    parser.add_argument("--max-frames", type=int_at_least("--max-frames", 1), default=None, metavar="N",
                         help="stop after N frames from the source")
-    parser.add_argument("--duration", type=_positive(float), default=None, metavar="S", help="stop after S seconds")
+    parser.add_argument("--duration", type=finite_float("--duration", 0, low_open=True), default=None, metavar="S", help="stop after S seconds")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pcedge.runtime.watch.sources import SourceError, open_source
+    from pcedge.runtime.watch.sources import SourceError, check_source_spec, open_source
     from pcedge.runtime.errors import WatchError
     from pcedge.runtime.watch.pipeline import WatchOptions, WatchPipeline
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        check_source_spec(args.source)
+    except SourceError as exc:
+        print(f"pcedge watch: {exc}", file=sys.stderr)
+        return 2
+    if not check_outputs("watch", files={"--jsonl": args.jsonl, "--video-out": args.video_out},
+                         folders={"--save-dir": args.save_dir}):
+        return 2
     options = WatchOptions(
         jsonl=args.jsonl, save_dir=args.save_dir, save_every_s=args.save_every_s, video_out=args.video_out,
         show=args.show, max_frames=args.max_frames, duration_s=args.duration,
@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if summary.error:
         print(f"pcedge watch: stopped by an error: {summary.error}", file=sys.stderr)
         return 1
-    print(f"next: pcedge predict {args.bundle} {summary.save_dir or 'IMAGES'} --save-maps maps/   "
-          f"|   pcedge eval {args.bundle} --data CATEGORY_DIR")
+    saved = q(summary.save_dir) if summary.save_dir else "IMAGES"
+    print(f"next: pcedge predict {q(args.bundle)} {saved} --save-maps maps/   "
+          f"|   pcedge eval {q(args.bundle)} --data CATEGORY_DIR")
     return 0

@@ -7,6 +7,7 @@
       test/good/*.png                       nominal test images (no masks: every pixel is good)
       test/<defect>/*.png                   defective test images, one folder per defect type
       ground_truth/<defect>/<stem>_mask.png one mask per defective image, the image's size, non-zero = defect
+                                            (non-binary masks: >= half the maximum; see binarise_mask)
 
 :func:`load_category` checks the whole layout up front and reports every problem at once (a missing
 folder, every defect image without a mask), so a bad dataset fails before any image is scored.
@@ -14,6 +15,7 @@ folder, every defect image without a mask), so a bad dataset fails before any im
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,8 @@ import cv2
 import numpy as np
 
 from ..preprocess import IMAGE_SUFFIXES, list_images
+
+log = logging.getLogger("pcedge.eval")
 
 GOOD = "good"
 MASK_SUFFIX = "_mask"
@@ -134,7 +138,10 @@ def read_mask(path: str | os.PathLike[str] | None, expected_hw: tuple[int, int])
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: mask file does not exist")
-    data = np.fromfile(path, dtype=np.uint8)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise DatasetError(f"{path}: mask cannot be read ({exc.strerror or exc})") from exc
     mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if mask is None:
         raise DatasetError(f"{path}: not a readable mask image")
@@ -145,4 +152,24 @@ def read_mask(path: str | os.PathLike[str] | None, expected_hw: tuple[int, int])
             f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} (HxW) but its image is "
             f"{expected_hw[0]}x{expected_hw[1]}"
         )
-    return mask > 0
+    return binarise_mask(mask, str(path))
+
+
+def binarise_mask(mask: np.ndarray, source: str = "<mask>") -> np.ndarray:
+    """A decoded mask ``[H, W]`` -> bool ``[H, W]``.
+
+    The rule: a binary mask (0 and one other value, e.g. 0/255 or 0/1) marks every non-zero pixel as defect.
+    A mask with more values (JPEG artefacts around the edges, or a graded mask) marks the pixels at or above
+    half its maximum, and a warning names the file: counting every non-zero pixel would turn the JPEG halo
+    around a defect into defect pixels.
+    """
+    if not np.issubdtype(mask.dtype, np.number) or (mask.dtype.kind == "f" and not np.isfinite(mask).all()):
+        raise DatasetError(f"{source}: mask has non-finite or non-numeric values")
+    values = np.unique(mask)
+    if values.size <= 2 and values.min() >= 0 and (values.size == 1 or values[0] == 0):
+        return mask > 0
+    top = float(mask.max())
+    cut = top / 2.0
+    log.warning("warning: %s: mask is not binary (%d distinct values, e.g. JPEG artefacts or grades); "
+                "counting pixels >= %g (half its maximum %g) as defect", source, values.size, cut, top)
+    return mask >= cut

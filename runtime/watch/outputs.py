@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from ..errors import WatchError
+from ..files import STREAM, output_kind, to_jsonable
 from ..overlay import write_image
 from .sources import Frame
 
@@ -41,7 +42,8 @@ class EventLog:
     def write(self, record: dict, flush: bool = False) -> None:
         if self._handle is None:
             return
-        line = json.dumps(record, allow_nan=False, default=_json_default) + "\n"
+        # NaN/inf -> null: a strict JSON reader must be able to read every line.
+        line = json.dumps(to_jsonable(record), allow_nan=False, default=_json_default) + "\n"
         with self._lock:
             self._handle.write(line)
             if flush:
@@ -96,9 +98,15 @@ class VideoSink:
         codec = VIDEO_CODECS.get(path.suffix.lower())
         if codec is None:
             raise WatchError(f"{path}: unsupported video container {path.suffix!r}; use one of {', '.join(VIDEO_CODECS)}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        target, kind = output_kind(path)  # OutputError for a folder, a disk, a socket, a symlink loop
+        if kind == STREAM:
+            # The container is finished by seeking back to its header: a pipe or device cannot take that, and
+            # renaming the finished file over it would replace the device node.
+            raise WatchError(f"{path}: a video needs a regular file, not a device or pipe")
+        target.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+        self.target = target  # a symlink's target: the link itself stays
+        self.tmp = target.with_name(f".{target.stem}.partial{target.suffix}")
         self.fps = float(fps) if fps else DEFAULT_VIDEO_FPS
         self.fourcc = cv2.VideoWriter_fourcc(*codec)
         self.size: tuple[int, int] | None = None
@@ -123,7 +131,7 @@ class VideoSink:
             return False
         self._writer.release()
         self._writer = None
-        os.replace(self.tmp, self.path)
+        os.replace(self.tmp, self.target)
         return True
 
 

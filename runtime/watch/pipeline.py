@@ -35,7 +35,7 @@ import numpy as np
 from ..detector import Detector, Result
 from ..errors import WatchError
 from ..overlay import render_overlay
-from ..preprocess import Placement, fit_geometry, to_tensor
+from ..preprocess import ImageError, Placement, fit_geometry, to_tensor
 from .channel import EMPTY, END, Channel
 from .outputs import AnomalySaver, EventLog, VideoSink, Window
 from .sources import Frame, FrameSource, SourceEvent
@@ -204,6 +204,12 @@ class WatchPipeline:
                     continue
                 try:
                     work(item)
+                except ImageError as exc:
+                    # A frame that cannot be scored (NaN pixels, a bad shape from a custom source): skipped
+                    # and counted like a corrupt frame at the source; the run goes on.
+                    self._skipped(item.frame, str(exc))
+                    item.counted = True
+                    continue
                 except Exception as exc:
                     self._fail(name, item.frame.number, exc)
                     self._dropped(item, f"error in {name}: {exc}")

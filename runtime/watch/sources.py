@@ -27,6 +27,7 @@ backend has one (FFmpeg for URLs: :data:`STREAM_READ_TIMEOUT_MS`; V4L2 has its o
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sys
@@ -134,8 +135,8 @@ class _Pacer:
     """Holds a file or folder to ``fps`` frames per second (a simulated camera); no-op without fps."""
 
     def __init__(self, fps: float | None, stop: threading.Event):
-        if fps is not None and fps <= 0:
-            raise ValueError(f"fps must be positive, got {fps}")
+        if fps is not None and not (math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps must be a positive finite number, got {fps}")
         self.period = 1.0 / fps if fps else 0.0
         self.stop = stop
         self.next_t: float | None = None
@@ -412,6 +413,20 @@ def _file_opener(path: str) -> Callable[[], cv2.VideoCapture]:
     return lambda: cv2.VideoCapture(path)
 
 
+#: Largest camera index accepted: Linux numbers V4L2 devices /dev/video0../dev/video255 (VIDEO_NUM_DEVICES).
+MAX_CAMERA_INDEX = 255
+
+
+def check_source_spec(spec: str) -> None:
+    """Refuse a source that cannot name anything before any work (empty, camera index out of range)."""
+    spec = str(spec).strip()
+    if not spec:
+        raise SourceError("empty source: give a camera index, video file, folder, URL or GStreamer pipeline")
+    if spec.isdigit() and int(spec) > MAX_CAMERA_INDEX:
+        raise SourceError(f"camera index {spec} is out of range: cameras are numbered 0 to {MAX_CAMERA_INDEX} "
+                          "(/dev/video0 ... /dev/video255)")
+
+
 def open_source(
     spec: str,
     fps: float | None = None,
@@ -431,8 +446,7 @@ def open_source(
     ``loop`` replays files and folders. Raises :class:`SourceError` naming the spec if it cannot be opened.
     """
     spec = str(spec).strip()
-    if not spec:
-        raise SourceError("empty source: give a camera index, video file, folder, URL or GStreamer pipeline")
+    check_source_spec(spec)
     if spec.isdigit():
         return CaptureSource(spec, _camera_opener(int(spec), fps), live=True, fps=fps, reconnect=reconnect, on_event=on_event)
     if "!" in spec:
