@@ -158,7 +158,8 @@ def test_every_command_module_is_thin_and_lives_with_the_composition_root():
     from pcedge.cli import COMMANDS
 
     verbs = [verb for verb, _ in COMMANDS]
-    assert verbs == ["export", "info", "predict", "verify", "eval", "bench", "build-engine", "pack", "unpack", "watch"]
+    assert verbs == ["export", "info", "predict", "verify", "eval", "bench", "build-engine", "pack", "unpack", "watch",
+                     "triton", "serve"]
     for verb, module_name in COMMANDS:
         assert module_name.startswith("pcedge.commands."), module_name
         path = module_files("pcedge")[module_name]

@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from pcedge.commands.common import add_detector_arguments, open_detector, percentile
+from pcedge.commands.common import (add_detector_arguments, add_server_arguments, open_detector, open_remote, percentile,
+                                    remote_errors)
 from pcedge.runtime.inputs import expand_inputs, unique_names
 from pcedge.runtime.preprocess import ImageError, read_image
 
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-maps", type=Path, default=None, metavar="DIR", help="write overlay PNGs here")
     parser.add_argument("--jsonl", type=Path, default=None, metavar="FILE", help="one JSON line per image")
     parser.add_argument("--quiet", action="store_true", help="no line per image")
+    add_server_arguments(parser)
 
 
 def result_record(path: str, result) -> dict:
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         print("pcedge predict: --batch must be at least 1", file=sys.stderr)
         return 2
-    detector = open_detector(args, "predict")
+    detector = open_remote(args, "predict") if args.server else open_detector(args, "predict")
     if detector is None:
         return 2
     names = unique_names(paths)
@@ -83,7 +85,15 @@ def run(args: argparse.Namespace) -> int:
                     ok.append((path, name))
                 if not frames:
                     continue
-                results = detector.run_frames(frames, [str(p) for p, _ in ok], sum(decode_ms) / len(decode_ms))
+                try:
+                    results = detector.run_frames(frames, [str(p) for p, _ in ok], sum(decode_ms) / len(decode_ms))
+                except remote_errors(args) as exc:  # --server: the server rejected or could not take these frames
+                    for path, _ in ok:
+                        failed.append(f"{path}: {exc}")
+                        if jsonl:
+                            jsonl.write(json.dumps({"path": str(path), "error": str(exc)}) + "\n")
+                        print(f"error  {path}: {exc}", file=sys.stderr)
+                    continue
                 for (path, name), frame, result in zip(ok, frames, results):
                     latencies.append(result.timings.total_ms)
                     anomalies += result.anomalous

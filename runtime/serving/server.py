@@ -15,6 +15,7 @@ says so up front, with the fix, instead of letting every model fail to load.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import platform
@@ -228,6 +229,8 @@ class TritonServer:
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(self.command(backends), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=self.environment(), start_new_session=True)
+        # A server outliving its owner (an exception, a forgotten stop) would hold its ports: stop it at exit.
+        atexit.register(self.stop)
         try:
             self.wait_ready(self.options.startup_timeout_s)
         except BaseException:
@@ -264,6 +267,7 @@ class TritonServer:
         """SIGTERM (Triton finishes in-flight requests and unloads its models), then SIGKILL to the group if
         it outlives ``timeout_s``. Returns the exit code (None if it was never started)."""
         process, self.process = self.process, None
+        atexit.unregister(self.stop)
         code = None
         if process is not None:
             timeout_s = self.options.exit_timeout_s + 10 if timeout_s is None else timeout_s
@@ -282,6 +286,7 @@ class TritonServer:
     def kill(self) -> None:
         """SIGKILL the server and its stubs at once (what a crash or a power cut does)."""
         process, self.process = self.process, None
+        atexit.unregister(self.stop)
         if process is not None:
             self._kill_group(process)
             process.wait()
