@@ -1,17 +1,16 @@
 # Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
-# Debian's /usr/bin/python3.11 first: the Triton Python backend (nvidia-pytriton's tritonserver) embeds the
-# system's libpython3.11, and pcedge's Triton models load only from a virtualenv of that same build (another
-# 3.11.x's standard library fails inside it; `pcedge serve` says so instead).
-PYTHON ?= $(shell test -x /usr/bin/python3.11 && echo /usr/bin/python3.11 || command -v python3.11 || command -v python3)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
+# nvidia-pytriton: for the tritonserver binary and Python-backend stubs inside it; --no-deps because its
+# own Python API (unused by pcedge) pins numpy<2. Its stubs embed the system's libpython3.11: when this
+# venv's Python is another 3.11 build, `pcedge serve` gives them the system python3.11's standard library
+# with this venv's packages (runtime/serving/server.py), or says what to install.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[export,test,serve]'
-	# The tritonserver binary and Python-backend stubs inside nvidia-pytriton; --no-deps because its own
-	# Python API (unused by pcedge) pins numpy<2.
 	$(BIN)/pip install --quiet --no-deps 'nvidia-pytriton==0.7.0'
 	touch $@
 

@@ -182,41 +182,64 @@ def test_cli_triton_writes_a_repository_and_rejects_bad_input(fixture_bundle, tm
 
 def test_this_environment_passes_the_python_backend_check():
     install = find_tritonserver()
-    check_python_backend(install)  # raises with the fix if this interpreter does not match the stub's libpython
+    python = check_python_backend(install)  # raises with the fix if the stubs could not run our models
+    assert python is None or python.is_file()  # None: this interpreter is the stub's build
 
 
-def _other_python_311() -> str | None:
-    """A Python 3.11 of another build than this one (pyenv's, on this machine), if there is one."""
-    import platform
-    import shutil
+def test_the_stub_environment_has_the_system_standard_library_and_our_packages(tmp_path):
+    """What `pcedge serve` gives the Python-backend stubs when this venv's Python is another 3.11 build
+    than the libpython they embed: the system interpreter of that build, with this venv's packages."""
+    from pcedge.runtime.serving.server import _libpython_version, _linked_libpython, stub_environment
 
-    for candidate in {shutil.which("python3.11"), "/usr/bin/python3.11", "/usr/local/bin/python3.11"}:
-        if candidate and os.path.exists(candidate):
-            done = subprocess.run([candidate, "-c", "import platform; print(platform.python_version())"],
-                                  capture_output=True, text=True)
-            if done.returncode == 0 and done.stdout.strip() != platform.python_version():
-                return candidate
-    return None
-
-
-def test_a_mismatched_interpreter_gets_a_clear_message_not_the_rlock_traceback():
-    other = _other_python_311()
-    if other is None:
-        pytest.skip("no second Python 3.11 build on this machine to mismatch the stub with")
     install = find_tritonserver()
-    # server.py uses the standard library only: load it by path into the other interpreter and run the check
-    # against the real stub.
-    script = (
-        "import importlib.util, sys, pathlib\n"
-        f"spec = importlib.util.spec_from_file_location('server', {str(ROOT / 'runtime/serving/server.py')!r})\n"
-        "server = importlib.util.module_from_spec(spec); sys.modules['server'] = server; spec.loader.exec_module(server)\n"
-        f"install = server.TritonInstall(pathlib.Path({str(install.binary)!r}), None, pathlib.Path({str(install.stub)!r}), None, True)\n"
-        "try:\n    server.check_python_backend(install)\nexcept server.ServerError as exc:\n    print(exc); sys.exit(3)\n"
-    )
-    done = subprocess.run([other, "-c", script], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 3, done.stdout + done.stderr
-    assert "-m venv" in done.stdout and "standard library" in done.stdout
-    assert "_recursion_count" not in done.stdout + done.stderr
+    lib = _linked_libpython(install.stub)
+    wanted = _libpython_version(lib)
+    system = next((p for p in (Path("/usr/bin/python3.11"), Path("/usr/local/bin/python3.11"))
+                   if p.is_file()), None)
+    assert system is not None, "no system python3.11 beside the libpython the stub embeds"
+    bin_dir = stub_environment(tmp_path / "env", system)
+    script = ("import platform, threading, numpy, onnxruntime, hnswlib, cv2\n"
+              "from pcedge.runtime.serving.python_models import ScorerModel\n"
+              "threading.Event().wait(0.01)\n"
+              "print(platform.python_version(), threading.__file__)")
+    done = subprocess.run([str(bin_dir / "python3"), "-c", script], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")})
+    assert done.returncode == 0, done.stderr
+    version, threading_file = done.stdout.split()
+    stdlib = subprocess.run([str(system), "-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"],
+                            capture_output=True, text=True).stdout.strip()
+    assert version == wanted
+    assert Path(threading_file).parent == Path(stdlib)  # the system build's standard library, not ours
+
+
+def test_no_interpreter_for_the_stub_gets_a_clear_message_not_the_rlock_traceback():
+    import platform
+
+    from pcedge.runtime.serving.server import _libpython_version, _linked_libpython
+
+    install = find_tritonserver()
+    theirs = _libpython_version(_linked_libpython(install.stub))
+    if theirs != platform.python_version():
+        with pytest.raises(ServerError) as caught:
+            check_python_backend(install, candidates=[])  # as on a machine without /usr/bin/python3.11
+        message = str(caught.value)
+    else:  # this venv is that build: ask from another 3.11 (pyenv's here), loading server.py by path
+        other = next((c for c in ("/root/.pyenv/shims/python3.11", "/usr/local/bin/python3.11")
+                      if Path(c).exists()), None)
+        if other is None:
+            pytest.skip("this interpreter matches the stub and no other Python 3.11 build is installed")
+        script = (
+            "import importlib.util, sys, pathlib\n"
+            f"spec = importlib.util.spec_from_file_location('server', {str(ROOT / 'runtime/serving/server.py')!r})\n"
+            "server = importlib.util.module_from_spec(spec); sys.modules['server'] = server; spec.loader.exec_module(server)\n"
+            f"install = server.TritonInstall(pathlib.Path({str(install.binary)!r}), None, pathlib.Path({str(install.stub)!r}), None, True)\n"
+            "try:\n    server.check_python_backend(install, candidates=[])\nexcept server.ServerError as exc:\n    print(exc); sys.exit(3)\n"
+        )
+        done = subprocess.run([other, "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 3, done.stdout + done.stderr
+        message = done.stdout
+    assert "-m venv" in message and "standard library" in message and theirs in message
+    assert "_recursion_count" not in message
 
 
 def test_server_errors_are_clear(tmp_path):

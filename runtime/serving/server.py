@@ -8,9 +8,11 @@ repository must then be in the ``cpu_only`` form). The wheel is only used for it
 The Python backend runs each model in a *stub* process that embeds ``libpython3.X.so`` from the system and
 finds its packages the way a ``python3`` found first on ``PATH`` would: the server is started with this
 interpreter's ``bin/`` first on ``PATH``, so the models see this environment's pcedge, numpy, ONNX Runtime
-and hnswlib. That only works when this interpreter *is* the build of the libpython the stub links (the
-standard library of one 3.11.x loaded into another fails in ``threading``): :func:`check_python_backend`
-says so up front, with the fix, instead of letting every model fail to load.
+and hnswlib. That only works when the standard library is the one of the libpython the stub links (one 3.11.x's
+``threading`` fails inside another 3.11.y). When this interpreter is another build, the stubs get a small
+virtualenv-shaped folder (:func:`stub_environment`) with the system interpreter of that build (e.g.
+Debian's /usr/bin/python3.11) and this environment's site-packages; when there is no such interpreter,
+:func:`check_python_backend` says so up front, with the fix, instead of every model failing to load.
 """
 
 from __future__ import annotations
@@ -105,10 +107,31 @@ def _libpython_version(lib: Path) -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
-def check_python_backend(install: TritonInstall) -> None:
-    """Raise :class:`ServerError` if the bundled Python-backend stub cannot run this environment's models."""
+def _interpreter_version(python: str | os.PathLike[str]) -> str | None:
+    try:
+        done = subprocess.run([str(python), "-c", "import platform; print(platform.python_version())"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def _system_interpreters(lib: Path) -> list[Path]:
+    """Interpreters that may be the build of ``lib`` (the same prefix first: /lib/... -> /usr/bin/...)."""
+    name = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return [Path("/usr/bin") / name, Path("/usr/local/bin") / name, lib.parent.parent / "bin" / name]
+
+
+def check_python_backend(install: TritonInstall, candidates: list[Path] | None = None) -> Path | None:
+    """Which interpreter the bundled Python-backend stub's models must run on.
+
+    ``None``: this one (it is the build of the libpython the stub embeds). Otherwise the path of a system
+    interpreter of that build (from ``candidates``, default /usr/bin/python3.X and the like): the server
+    then gets an environment with that interpreter's standard library and this environment's packages
+    (compiled 3.X extensions load on any 3.X.y). :class:`ServerError` with the fix if there is none.
+    """
     if not install.bundled:
-        return  # a server install or container brings its own matching Python
+        return None  # a server install or container brings its own matching Python
     ours = platform.python_version()
     if install.stub is None or not install.stub.is_file():
         raise ServerError(f"nvidia-pytriton has no Python-backend stub for Python {ours[:4]} ({install.stub})")
@@ -118,14 +141,40 @@ def check_python_backend(install: TritonInstall) -> None:
                           f"{sys.version_info.major}.{sys.version_info.minor} (Debian/Ubuntu: apt-get install "
                           f"libpython{sys.version_info.major}.{sys.version_info.minor})")
     theirs = _libpython_version(lib)
-    if theirs != ours:
-        suggestion = Path("/usr/bin") / f"python{sys.version_info.major}.{sys.version_info.minor}"
-        raise ServerError(
-            f"the Triton Python backend embeds {lib} (Python {theirs}) but pcedge runs on Python {ours} "
-            f"({sys.executable}); its models would load this interpreter's {ours} standard library into a "
-            f"{theirs} interpreter and fail. Run pcedge from a virtualenv made with that Python, e.g. "
-            f"{suggestion} -m venv .venv (make test/make demo do this when {suggestion} exists)"
-        )
+    if theirs == ours:
+        return None
+    for candidate in (_system_interpreters(lib) if candidates is None else candidates):
+        if Path(candidate).is_file() and _interpreter_version(candidate) == theirs:
+            return Path(candidate)
+    suggestion = _system_interpreters(lib)[0]
+    raise ServerError(
+        f"the Triton Python backend embeds {lib} (Python {theirs}) but pcedge runs on Python {ours} "
+        f"({sys.executable}) and no Python {theirs} interpreter was found to give the models its standard "
+        f"library (an {ours} standard library fails inside a {theirs} interpreter). Install that Python "
+        f"({suggestion}) or run pcedge from a virtualenv made with it: {suggestion} -m venv .venv "
+        f"(make test/make demo do this when {suggestion} exists)"
+    )
+
+
+def stub_environment(folder: Path, python: Path) -> Path:
+    """A virtualenv-shaped folder whose ``bin/python3`` is ``python`` and whose site-packages adds this
+    environment's: its ``bin/`` first on PATH gives the stubs ``python``'s standard library with our
+    packages (pcedge, numpy, ONNX Runtime, hnswlib). Returns that ``bin/``."""
+    import site
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("python", "python3", f"python{version}"):
+        (bin_dir / name).symlink_to(python)
+    (folder / "pyvenv.cfg").write_text(f"home = {python.parent}\ninclude-system-site-packages = false\n"
+                                       f"version = {_interpreter_version(python)}\n")
+    packages = folder / "lib" / f"python{version}" / "site-packages"
+    packages.mkdir(parents=True)
+    # addsitedir, not a plain path: our site-packages' own .pth files (an editable pcedge) must run too.
+    lines = [f"import site; site.addsitedir({str(p)!r})" for p in site.getsitepackages() if Path(p).is_dir()]
+    (packages / "pcedge-environment.pth").write_text("\n".join(lines) + "\n")
+    return bin_dir
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -206,10 +255,10 @@ class TritonServer:
             cmd.append(f"--backend-directory={backends}")
         return cmd
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, python_bin: Path | None = None) -> dict[str, str]:
         env = dict(os.environ)
         # The stubs' Python finds its packages like the first python3 on PATH: this environment's.
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["PATH"] = f"{python_bin or Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env.pop("PYTHONHOME", None)
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ inside the model repository
         if self.install.libs is not None:
@@ -221,14 +270,16 @@ class TritonServer:
             raise ServerError("server already started")
         if not self.repository.is_dir():
             raise ServerError(f"{self.repository}: no such model repository")
-        check_python_backend(self.install)
+        system_python = check_python_backend(self.install)
         self._workdir = Path(tempfile.mkdtemp(prefix="pcedge-triton-"))
         backends = self._backend_directory()
+        python_bin = stub_environment(self._workdir / "python", system_python) if system_python else None
         self.log_file = self.options.log_file or (self._workdir / "tritonserver.log")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(self.command(backends), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=self.environment(), start_new_session=True)
+                                            stdin=subprocess.DEVNULL, env=self.environment(python_bin),
+                                            start_new_session=True)
         # A server outliving its owner (an exception, a forgotten stop) would hold its ports: stop it at exit.
         atexit.register(self.stop)
         try:
