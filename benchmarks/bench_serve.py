@@ -72,6 +72,7 @@ class LinkCost:
     jpeg_ms_on_1gbe: float
     response_ms_on_1gbe: float
     decode_and_geometry_cpu_ms: float  # what the server would spend per frame if it were sent JPEG bytes
+    scorer_cpu_ms: float  # the scorer model's work per frame (index, Eq. 7, map at network size), one thread
     link_limit_fps_tensor: float
     link_limit_fps_jpeg: float
 
@@ -217,7 +218,24 @@ def run_triton(server, mode: str, decoded: list[np.ndarray], streams: int, frame
 # ------------------------------------------------------------------------------------------------ link
 
 
-def link_cost(paths: list[Path], decoded: list[np.ndarray], geometry) -> LinkCost:
+def scorer_cpu_ms(bundle: Path, decoded: list[np.ndarray]) -> float:
+    """CPU ms per frame of what the scorer model runs (Detector.score_embeddings, maps at network size)."""
+    from pcedge.runtime.detector import Detector
+
+    with Detector.open(bundle) as detector:
+        tensor = to_tensor([fit_geometry(f, detector.geometry)[0] for f in decoded])
+        embeddings = detector.embed(tensor)
+    scorer = Detector.open_scoring(bundle)
+    scorer.score_embeddings(embeddings[:1], None)  # warm-up
+    t = time.process_time()
+    for i in range(embeddings.shape[0]):
+        scorer.score_embeddings(embeddings[i : i + 1], None)
+    ms = (time.process_time() - t) * 1e3 / embeddings.shape[0]
+    scorer.close()
+    return ms
+
+
+def link_cost(paths: list[Path], decoded: list[np.ndarray], geometry, scorer_ms: float) -> LinkCost:
     H, W = geometry.height, geometry.width
     tensor = 3 * H * W * 4
     jpeg = float(np.mean([p.stat().st_size for p in paths]))
@@ -234,7 +252,7 @@ def link_cost(paths: list[Path], decoded: list[np.ndarray], geometry) -> LinkCos
         return b * 8 / LINK_BITS_PER_S * 1e3
 
     return LinkCost(tensor, jpeg, response, ms(tensor), ms(jpeg), ms(response), float(np.median(decode_ms)),
-                    1e3 / ms(max(tensor, response)), 1e3 / ms(max(jpeg, response)))
+                    scorer_ms, 1e3 / ms(max(tensor, response)), 1e3 / ms(max(jpeg, response)))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -262,7 +280,7 @@ def main() -> int:
     geometry = open_bundle(bundle).manifest.input.geometry
     report = Report(machine=machine, bundle=str(bundle),
                     images=len(paths), frames_per_stream=args.frames, warmup=args.warmup,
-                    link=link_cost(paths, decoded, geometry))
+                    link=link_cost(paths, decoded, geometry, scorer_cpu_ms(bundle, decoded)))
     log(f"link: {report.link}")
     for n in args.streams:
         run = run_local(bundle, paths, n, args.frames, args.warmup)

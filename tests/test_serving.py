@@ -173,6 +173,13 @@ def test_cli_triton_writes_a_repository_and_rejects_bad_input(fixture_bundle, tm
     assert "--max-batch-size" in capsys.readouterr().err
     assert main(["triton", str(tmp_path / "nope.pcedge"), "-o", str(tmp_path / "r3")]) == 2
     assert "no such bundle" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "nope.pcedge"), "--http-port", "18000", "--grpc-port", "18001",
+                 "--metrics-port", "18002"]) == 2
+    assert "no such bundle" in capsys.readouterr().err
+    assert main(["serve", str(fixture_bundle), "--http-port", "18000", "--grpc-port", "18000"]) == 2
+    assert "must differ" in capsys.readouterr().err
+    assert main(["predict", "bsd", str(BSD_IMAGES[0]), "--server", "ftp://host:1"]) == 2
+    assert "scheme" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
