@@ -2,7 +2,9 @@
 
 Every stream is a camera that sends its next frame as soon as the previous result is back (closed loop),
 ``--frames`` frames per stream after ``--warmup``; all streams start together. Frames are real BSData
-test images (good and pitting), decoded once beforehand (a camera delivers decoded frames).
+test images (good and pitting), decoded once beforehand (a camera delivers decoded frames). Both servers
+stay up for the whole run and the modes alternate within each of ``--rounds`` rounds, so load from other
+work on this shared machine hits them alike; the JSON keeps every run and the medians.
 
 - ``local``: N independent processes, each with its own :class:`~pcedge.runtime.detector.Detector`
   (ONNX Runtime CPU, default threads) -- one Jetson per camera, squeezed onto this machine;
@@ -14,10 +16,11 @@ test images (good and pitting), decoded once beforehand (a camera delivers decod
 Reported per run: frames/s (all frames / wall time), per-frame latency p50/p95 (client side, end to end),
 CPU milliseconds per frame on the server (user+system of tritonserver and its Python-backend stubs, from
 /proc) and in the clients, the embedder's mean batch size (Triton's own counters), and the load average.
-Also the link arithmetic behind sending tensors rather than JPEG bytes over 1 GbE.
+Also the link arithmetic behind sending tensors rather than JPEG bytes over 1 GbE, the scorer's CPU per
+frame, and the backbone's CPU per frame at batch 1 and 8 (what dynamic batching can save on this CPU).
 
     python benchmarks/bench_serve.py                       # results/serve.json
-    python benchmarks/bench_serve.py --streams 1 2 --frames 6   # smoke run
+    python benchmarks/bench_serve.py --streams 1 2 --frames 6 --rounds 1   # smoke run
 """
 
 from __future__ import annotations

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -473,20 +475,36 @@ def test_predict_with_server_accounts_for_every_frame_when_the_server_dies(fixtu
     report = write_repository([("bsd", fixture_bundle)], tmp_path / "repo", RepositoryOptions(cpu_only=True, threads=1))
     server = TritonServer(report.root, server_options(tmp_path))
     server.start()
-    images = sorted(str(p) for p in (BSD / "test").rglob("*") if p.suffix in (".jpg", ".png"))
-    killer = threading.Timer(1.0, server.kill)
+    images = sorted(str(p) for p in (BSD / "test").rglob("*") if p.suffix in (".jpg", ".png"))[:16]
+    stop_polling = threading.Event()
+
+    def kill_after_first_batch() -> None:
+        # Triton's own counter of frames the ensemble has scored: kill as soon as the first batch is done.
+        while not stop_polling.wait(0.005):
+            try:
+                text = urllib.request.urlopen(server.metrics_url, timeout=2).read().decode()
+            except OSError:
+                continue
+            match = re.search(r'^nv_inference_count{model="bsd",version="1"} (\S+)$', text, re.M)
+            if match and float(match.group(1)) >= 4:
+                server.kill()
+                return
+
+    killer = threading.Thread(target=kill_after_first_batch)
     killer.start()
     try:
-        code = main(["predict", "bsd", *images, "--server", server.http_url, "--retry", "1",
+        code = main(["predict", "bsd", *images, "--server", server.http_url, "--retry", "1", "--batch", "4",
                      "--jsonl", str(tmp_path / "p.jsonl"), "--quiet"])
     finally:
-        killer.cancel()
+        stop_polling.set()
+        killer.join()
         server.stop()
     records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [r["path"] for r in records] == images  # every frame accounted for, in order
     failed = [r for r in records if "error" in r]
     assert all("unreachable" in r["error"] or "model bsd" in r["error"] for r in failed), failed
     assert all("score" in r for r in records if "error" not in r)
+    assert len(records) - len(failed) >= 4 and len(failed) >= 4  # the first batch scored, the last ones not
     out = capsys.readouterr().out
     assert f"{len(records) - len(failed)} scored" in out and f"{len(failed)} failed" in out
     assert code == (1 if failed else 0)
