@@ -508,3 +508,38 @@ def test_predict_with_server_accounts_for_every_frame_when_the_server_dies(fixtu
     out = capsys.readouterr().out
     assert f"{len(records) - len(failed)} scored" in out and f"{len(failed)} failed" in out
     assert code == (1 if failed else 0)
+
+
+def test_watch_with_server_rides_out_a_server_restart(fixture_bundle, tmp_path, capsys):
+    """`pcedge watch --server` on a folder played at 8 fps while the server is killed and started again on
+    the same ports: the client reconnects and every frame is processed, each one in the event log."""
+    from pcedge.cli import main
+
+    report = write_repository([("bsd", fixture_bundle)], tmp_path / "repo", RepositoryOptions(cpu_only=True, threads=1))
+    options = server_options(tmp_path)
+    servers = [TritonServer(report.root, options).start()]
+    moments: dict[str, float] = {}
+
+    def restart() -> None:
+        time.sleep(0.8)
+        servers[0].kill()
+        time.sleep(1.0)
+        servers.append(TritonServer(report.root, ServerOptions(**{**options.__dict__,
+                                                                  "log_file": tmp_path / "restart.log"})).start())
+        moments["restarted"] = time.monotonic()
+
+    bouncer = threading.Thread(target=restart)
+    bouncer.start()
+    try:
+        code = main(["watch", "bsd", str(BSD / "test" / "good"), "--server", servers[0].grpc_url, "--fps", "8",
+                     "--loop", "--max-frames", "24", "--retry", "60", "--jsonl", str(tmp_path / "w.jsonl")])
+        moments["finished"] = time.monotonic()
+    finally:
+        bouncer.join()
+        for server in servers:
+            server.stop()
+    assert code == 0, capsys.readouterr().err
+    events = [json.loads(line) for line in (tmp_path / "w.jsonl").read_text().splitlines()]
+    frames = [e for e in events if e.get("event") in ("processed", "dropped", "skipped")]
+    assert [e["event"] for e in frames] == ["processed"] * 24
+    assert len(servers) == 2 and moments["restarted"] < moments["finished"]  # the outage fell inside the run
