@@ -23,7 +23,6 @@ slowest (allocation and cache warm-up); the median over repeats is reported and 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile

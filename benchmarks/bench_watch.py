@@ -22,7 +22,6 @@ start (before the run), end, peak, and the growth over the second half of the ru
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform

@@ -170,7 +170,7 @@ def _latency(bundle_root: Path, kind: str, precision: str | None, frames: list[n
                                        ("index", t.index_ms), ("scoring", t.scoring_ms), ("total", t.total_ms)):
                         stages[key].append(value)
             figures[f"batch{batch}"] = {k: float(np.median(v)) for k, v in stages.items()}
-    return f"total ms/image at batch 1/4/8: " + " / ".join(
+    return "total ms/image at batch 1/4/8: " + " / ".join(
         f"{figures[f'batch{b}']['total']:.2f}" for b in BATCHES), figures
 
 

@@ -28,6 +28,8 @@ COMMANDS: list[tuple[str, str]] = [
     ("pack", "pcedge.commands.pack"),
     ("unpack", "pcedge.commands.unpack"),
     ("watch", "pcedge.commands.watch"),
+    ("triton", "pcedge.commands.triton"),
+    ("serve", "pcedge.commands.serve"),
 ]
 
 

@@ -15,6 +15,7 @@ Layout (docs/architecture.md says where a new module goes):
     tensorrt/           engine naming and selection, engine build, the TensorRT backend, graph check
     watch/              the camera loop: frame sources, staged pipeline, outputs
     evaluation/         accuracy and latency measurement: dataset layout, metrics, FLOP counts
+    serving/            NVIDIA Triton Inference Server: model repository, server process, client
 
 The names below are loaded on first use (PEP 562), so ``import pcedge.runtime`` stays cheap for a
 process that needs one part only (a Triton Python model, ``pcedge --help``).
@@ -57,6 +58,12 @@ _EXPORTS: dict[str, str] = {
     "WatchOptions": "watch.pipeline",
     "WatchSummary": "watch.summary",
     "WatchError": "errors",
+    # serving many cameras from a Triton server
+    "write_repository": "serving.repository",
+    "RepositoryOptions": "serving.repository",
+    "TritonServer": "serving.server",
+    "ServerOptions": "serving.server",
+    "RemoteDetector": "serving.client",
     # measuring
     "load_category": "evaluation.dataset",
     "evaluate": "evaluation.accuracy",
@@ -88,6 +95,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .overlay import render_overlay  # noqa: F401
     from .preprocess import ImageError, read_image  # noqa: F401
     from .scoring import Scorer  # noqa: F401
+    from .serving.client import RemoteDetector  # noqa: F401
+    from .serving.repository import RepositoryOptions, write_repository  # noqa: F401
+    from .serving.server import ServerOptions, TritonServer  # noqa: F401
     from .watch.pipeline import WatchOptions, WatchPipeline  # noqa: F401
     from .watch.sources import open_source  # noqa: F401
     from .watch.summary import WatchSummary  # noqa: F401

@@ -127,9 +127,17 @@ class Detector:
             backend.close()
             raise
 
+    @classmethod
+    def open_scoring(cls, bundle_path: str | os.PathLike[str], options: DetectorOptions | None = None) -> "Detector":
+        """Open a bundle for :meth:`score_embeddings` only: no backend, the embeddings come from elsewhere
+        (a Triton embedder model). :meth:`embed` and the methods that call it are unavailable."""
+        options = options or DetectorOptions()
+        return cls(open_bundle(bundle_path, verify=options.verify_checksums), None, options)
+
     @property
     def description(self) -> str:
-        return f"backend {self.backend.description}; index {self.index.kind} ({self.index.note})"
+        backend = self.backend.description if self.backend is not None else "none (scoring only)"
+        return f"backend {backend}; index {self.index.kind} ({self.index.note})"
 
     # ------------------------------------------------------------------ running
     def __call__(self, image: ImageInput) -> Result:
@@ -168,6 +176,8 @@ class Detector:
 
     def embed(self, tensor: np.ndarray) -> np.ndarray:
         """Network batch ``[B, 3, H, W]`` -> embeddings ``[B, h*w, D]`` from the backend."""
+        if self.backend is None:
+            raise RuntimeError("this detector was opened for scoring only (Detector.open_scoring): no backend")
         return self.backend(tensor)
 
     def score_tensor(self, tensor: np.ndarray, placements: list[Placement], sources: list[str | None] | None = None) -> list[Result]:
@@ -181,8 +191,13 @@ class Detector:
             r.timings.backbone_ms = backbone_ms
         return results
 
-    def score_embeddings(self, embeddings: np.ndarray, placements: list[Placement], sources: list[str | None] | None = None) -> list[Result]:
-        """Embeddings ``[B, h*w, D]`` -> results (index, Eq. 7, anomaly maps)."""
+    def score_embeddings(self, embeddings: np.ndarray, placements: list[Placement] | None,
+                         sources: list[str | None] | None = None) -> list[Result]:
+        """Embeddings ``[B, h*w, D]`` -> results (index, Eq. 7, anomaly maps).
+
+        With ``placements`` None the maps stay at network resolution ``[H, W]`` (a server's scorer: the
+        client, which kept the placement, maps them back into its frame).
+        """
         B = embeddings.shape[0]
         sources = sources or [None] * B
         h, w = self.grid
@@ -197,7 +212,7 @@ class Detector:
             image = self.scorer.image_score(embeddings[b], patches[b])
             grid = patches[b].distances.reshape(h, w)
             net_map = self.scorer.anomaly_map(grid, H, W)
-            full_map = placements[b].to_original(net_map)
+            full_map = placements[b].to_original(net_map) if placements is not None else net_map
             scoring_ms = (time.perf_counter() - ts) * 1e3
             results.append(
                 Result(

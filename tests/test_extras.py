@@ -24,7 +24,7 @@ def test_base_depends_on_neither_onnxruntime_wheel_and_each_extra_on_one():
     assert [d.split(">")[0] for d in extras["cpu"]] == ["onnxruntime"]
     assert [d.split(">")[0] for d in extras["gpu"]] == ["onnxruntime-gpu"]
     assert any(d.startswith("cuda-bindings") for d in extras["test"])  # tests/test_cuda_calls.py needs it
-    assert "'.[cpu,export,test]'" in (ROOT / "Makefile").read_text()
+    assert "'.[cpu,export,test,serve]'" in (ROOT / "Makefile").read_text()  # the CPU wheel, never the GPU one
 
 
 @pytest.fixture

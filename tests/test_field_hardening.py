@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from pcedge.cli import main
-from pcedge.runtime.bundle import MEMORY_BANK_FILE, BundleWriter, Manifest, file_entry, open_bundle, read_manifest
+from pcedge.runtime.bundle import MEMORY_BANK_FILE, BundleWriter, file_entry, read_manifest
 
 from conftest import BSD, ROOT
 

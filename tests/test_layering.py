@@ -158,7 +158,8 @@ def test_every_command_module_is_thin_and_lives_with_the_composition_root():
     from pcedge.cli import COMMANDS
 
     verbs = [verb for verb, _ in COMMANDS]
-    assert verbs == ["export", "info", "predict", "verify", "eval", "bench", "build-engine", "sign", "pack", "unpack", "watch"]
+    assert verbs == ["export", "info", "predict", "verify", "eval", "bench", "build-engine", "sign", "pack", "unpack", "watch",
+                     "triton", "serve"]
     for verb, module_name in COMMANDS:
         assert module_name.startswith("pcedge.commands."), module_name
         path = module_files("pcedge")[module_name]
@@ -168,3 +169,30 @@ def test_every_command_module_is_thin_and_lives_with_the_composition_root():
         assert {"add_arguments", "run"} <= functions, module_name
         # Thin: no classes of their own (dataclasses and logic belong to the library).
         assert not [n.name for n in tree.body if isinstance(n, ast.ClassDef)], module_name
+
+
+def test_serving_is_a_leaf_beside_watch():
+    """``serving/`` uses the detector path and nothing imports it back; it never imports watch/ or evaluation/."""
+    serving = "pcedge.runtime.serving"
+    others = ("pcedge.runtime.watch", "pcedge.runtime.evaluation")
+    graph = runtime_graph()
+    offenders = [f"{name} imports {target}" for name, targets in graph.items() for target in targets
+                 if (not name.startswith(serving) and name != "pcedge.runtime" and target.startswith(serving))
+                 or (name.startswith(serving) and target.startswith(others))]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_triton_python_models_import_only_the_runtime():
+    """What a Triton Python-backend stub loads: the generated model.py and the classes it names use
+    pcedge.runtime, numpy, the standard library and the backend's own utils -- no torch, no argparse."""
+    from pcedge.runtime.serving import repository
+
+    allowed_top = {"json", "sys", "pathlib", "numpy", "triton_python_backend_utils", "__future__"}
+    for role, cls in (("embedder", "EmbedderModel"), ("scorer", "ScorerModel")):
+        source = repository._model_py(role, cls, "demo")
+        tree = ast.parse(source)
+        imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert imported == ["pcedge.runtime.serving.python_models"], imported
+    path = ROOT / "runtime" / "serving" / "python_models.py"
+    for imported in imported_modules("pcedge.runtime.serving.python_models", path):
+        assert imported.startswith("pcedge.runtime.") or imported.split(".")[0] in allowed_top, imported

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from test_engines import write_tiny_bundle
 from pcedge import cli
 from pcedge.runtime import archive as archive_module
 from pcedge.runtime.archive import ArchiveError, pack, unpack
-from pcedge.runtime.bundle import BundleWriter, Manifest, open_bundle
+from pcedge.runtime.bundle import BundleWriter, Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = ROOT / "fixtures/ball_screw_drive/train/good"

@@ -186,3 +186,86 @@ def os_error_text(exc: OSError) -> str:
     if exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or exc}"
     return exc.strerror or str(exc)
+
+
+def add_repository_arguments(parser: argparse.ArgumentParser) -> None:
+    """How `pcedge triton` and `pcedge serve` shape the Triton models (runtime.serving.repository)."""
+    group = parser.add_argument_group("Triton models")
+    group.add_argument("--max-batch-size", type=int, default=8, metavar="N",
+                       help="largest batch a model takes (default 8)")
+    group.add_argument("--no-dynamic-batching", action="store_true",
+                       help="run each request as it comes (default: Triton merges concurrent requests)")
+    group.add_argument("--max-queue-delay-us", type=int, default=2000, metavar="US",
+                       help="how long Triton may hold a request to form a batch (default 2000)")
+    group.add_argument("--preferred-batch-size", type=int, nargs="+", default=[], metavar="N",
+                       help="batch sizes the dynamic batcher aims for (default: the largest it can form)")
+    group.add_argument("--embedder-instances", type=int, default=1, metavar="N", help="embedder instances (default 1)")
+    group.add_argument("--scorer-instances", type=int, default=1, metavar="N", help="scorer instances (default 1)")
+    group.add_argument("--kind", choices=("auto", "gpu", "cpu"), default="auto",
+                       help="embedder instances on the GPU or CPU (default: GPU, CPU with --cpu-only)")
+    group.add_argument("--model-threads", type=int, default=0, metavar="N",
+                       help="ONNX Runtime threads per CPU-only embedder instance (default 0: all the CPUs)")
+    group.add_argument("--index", choices=("auto", "exact", "hnsw"), default="auto",
+                       help="the scorer's nearest-neighbour search (default auto)")
+
+
+def repository_options(args: argparse.Namespace, cpu_only: bool, plan: bool = False):
+    from pcedge.runtime.serving.repository import RepositoryOptions
+
+    return RepositoryOptions(
+        cpu_only=cpu_only, plan=plan, precision=getattr(args, "precision", None),
+        max_batch_size=args.max_batch_size, dynamic_batching=not args.no_dynamic_batching,
+        max_queue_delay_us=args.max_queue_delay_us, preferred_batch_sizes=list(args.preferred_batch_size),
+        embedder_instances=args.embedder_instances, scorer_instances=args.scorer_instances, kind=args.kind,
+        threads=args.model_threads, index=args.index,
+    )
+
+
+def parse_bundles(texts: list[str], command: str):
+    """``[NAME=]BUNDLE`` arguments -> [(name, path)], or None after printing which one is wrong."""
+    import sys
+
+    from pcedge.runtime.serving.repository import RepositoryError, parse_bundle_argument
+
+    try:
+        return [parse_bundle_argument(text) for text in texts]
+    except RepositoryError as exc:
+        print(f"pcedge {command}: {exc}", file=sys.stderr)
+        return None
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--server`: send frames to a Triton server (pcedge serve / pcedge triton) instead of a local detector."""
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help="score on a Triton server (http://HOST:PORT or grpc://HOST:PORT) instead of locally; "
+                             "the bundle argument then names the model (a bundle path gives its name)")
+    parser.add_argument("--retry", type=float, default=30.0, metavar="S",
+                        help="with --server: keep retrying an unreachable server this long, with backoff (default 30)")
+
+
+def open_remote(args: argparse.Namespace, command: str):
+    """A :class:`~pcedge.runtime.serving.client.RemoteDetector` for ``--server``, or None after printing why."""
+    import sys
+
+    from pcedge.runtime.serving.client import ClientOptions, RemoteDetector, RemoteError, ServerUnavailable
+    from pcedge.runtime.serving.repository import RepositoryError, parse_bundle_argument
+
+    if args.retry < 0:
+        print(f"pcedge {command}: --retry must be >= 0, got {args.retry}", file=sys.stderr)
+        return None
+    try:
+        name = parse_bundle_argument(args.bundle)[0]
+        return RemoteDetector(args.server, name, ClientOptions(threshold=getattr(args, "threshold", None),
+                                                                retry_s=args.retry))
+    except (RemoteError, ServerUnavailable, RepositoryError, ValueError) as exc:
+        print(f"pcedge {command}: {exc}", file=sys.stderr)
+        return None
+
+
+def remote_errors(args: argparse.Namespace) -> tuple:
+    """The per-frame failures of a server run (empty for a local detector: nothing extra is caught)."""
+    if not getattr(args, "server", None):
+        return ()
+    from pcedge.runtime.serving.client import RemoteError, ServerUnavailable
+
+    return (RemoteError, ServerUnavailable)

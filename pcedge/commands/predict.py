@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from pcedge.commands.common import (
-    THRESHOLD, add_detector_arguments, check_outputs, int_at_least, interrupt_exit_code, open_detector, percentile,
-    q, sigterm_as_interrupt,
+    THRESHOLD, add_detector_arguments, add_server_arguments, check_outputs, int_at_least, interrupt_exit_code,
+    open_detector, open_remote, percentile, q, remote_errors, sigterm_as_interrupt,
 )
 from pcedge.runtime.files import OutputError, json_line, open_output
 from pcedge.runtime.inputs import expand_inputs, unique_names
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-maps", type=Path, default=None, metavar="DIR", help="write overlay PNGs here")
     parser.add_argument("--jsonl", type=Path, default=None, metavar="FILE", help="one JSON line per image")
     parser.add_argument("--quiet", action="store_true", help="no line per image")
+    add_server_arguments(parser)
 
 
 def result_record(path: str, result) -> dict:
@@ -64,7 +65,15 @@ def _score_all(args, detector, paths, names, jsonl, latencies: list[float], fail
             ok.append((path, name))
         if not frames:
             continue
-        results = detector.run_frames(frames, [str(p) for p, _ in ok], sum(decode_ms) / len(decode_ms))
+        try:
+            results = detector.run_frames(frames, [str(p) for p, _ in ok], sum(decode_ms) / len(decode_ms))
+        except remote_errors(args) as exc:  # --server: the server rejected or could not take these frames
+            for path, _ in ok:
+                failed.append(f"{path}: {exc}")
+                if jsonl:
+                    jsonl.write(json_line({"path": str(path), "error": str(exc)}))
+                print(f"error  {path}: {exc}", file=sys.stderr)
+            continue
         for (path, name), frame, result in zip(ok, frames, results):
             latencies.append(result.timings.total_ms)
             anomalous.append(result.anomalous)
@@ -86,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not check_outputs("predict", files={"--jsonl": args.jsonl}, folders={"--save-maps": args.save_maps}):
         return 2
-    detector = open_detector(args, "predict")
+    detector = open_remote(args, "predict") if args.server else open_detector(args, "predict")
     if detector is None:
         return 2
     names = unique_names(paths)

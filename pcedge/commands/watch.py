@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from pcedge.commands.common import (
-    THRESHOLD, add_detector_arguments, check_outputs, finite_float, int_at_least, open_detector, q,
+    THRESHOLD, add_detector_arguments, add_server_arguments, check_outputs, finite_float, int_at_least, open_detector,
+    open_remote, q,
 )
 
 HELP = "live inference on a camera, RTSP/HTTP stream, GStreamer pipeline, video file or image folder"
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int_at_least("--max-frames", 1), default=None, metavar="N",
                         help="stop after N frames from the source")
     parser.add_argument("--duration", type=finite_float("--duration", 0, low_open=True), default=None, metavar="S", help="stop after S seconds")
+    add_server_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         jsonl=args.jsonl, save_dir=args.save_dir, save_every_s=args.save_every_s, video_out=args.video_out,
         show=args.show, max_frames=args.max_frames, duration_s=args.duration,
     )
-    detector = open_detector(args, "watch")
+    detector = open_remote(args, "watch") if args.server else open_detector(args, "watch")
     if detector is None:
         return 2
     with detector:
