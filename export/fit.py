@@ -1,9 +1,10 @@
 """Fit PatchCore on good images and write a verified bundle (the workstation side, end to end).
 
-Steps: list the good images and hold some out -> stream the rest through the patch embedder into the
-memory bank -> greedy coreset (§3.2) -> ONNX export with a parity check -> HNSW index over the coreset ->
-threshold from the held-out images, scored by the runtime's own scorer on the ONNX graph -> reference data
-for ``pcedge verify`` -> manifest with checksums, committed atomically.
+Steps: list the good images -> stream them through the patch embedder into the memory bank -> greedy
+coreset (§3.2) -> out-of-fold scores of every training image (``out_of_fold.py``: k fold banks with the
+same coreset ratio) -> ONNX export with a parity check -> HNSW index over the coreset -> threshold from
+the out-of-fold scores (or from ``--val DIR`` / a held-out fraction, scored by the runtime's scorer on the
+ONNX graph) -> reference data for ``pcedge verify`` -> manifest with checksums, committed atomically.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from pcedge.runtime.versions import package_versions
 from .backbones import build_backbone
 from .calibration import calibrate_threshold
 from .coreset import coverage_radius, greedy_coreset, resolve_count
-from .embedder import PatchEmbedder
+from .embedder import DEFAULT_BORDER, PatchEmbedder
 from .onnx_export import assert_parity, check_parity, export_onnx
+from .out_of_fold import DEFAULT_FOLDS, out_of_fold_scores
 
 log = logging.getLogger("pcedge.export")
 
@@ -68,13 +70,15 @@ class ExportConfig:
     weights: str | None = None  # a state-dict file; None: the backbone's default source
     random_weights: bool = False  # explicit opt-in, for speed benchmarks only
     projection_dim: int | None = None  # channel projection of the patch features (None: keep all)
+    border: str = DEFAULT_BORDER  # the 3x3 average at the feature map's border (embedder.BORDERS)
     geometry: Geometry = field(default_factory=Geometry)
     coreset: float | int = DEFAULT_CORESET  # ratio in (0, 1] or a count; 1.0 keeps the full bank
     coreset_projection_dim: int = 128  # the paper's random projection used for selection only
     seed: int = 0
     batch_size: int = 8  # images per forward pass while building the bank (bounds memory)
-    val_dir: Path | None = None  # held-out good images for the threshold
-    val_fraction: float = 0.1  # else: this seeded fraction of the training images is held out
+    val_dir: Path | None = None  # separate good images for the threshold (then no folds)
+    folds: int = DEFAULT_FOLDS  # else: out-of-fold scores of all training images, k folds; 0: hold out
+    val_fraction: float = 0.1  # folds == 0: this seeded fraction of the training images is held out
     min_val_images: int = 3
     target_fpr: float = 0.01  # nominal false-alarm rate the threshold aims at
     hnsw_M: int = IndexSpec().M
@@ -94,7 +98,7 @@ class ExportReport:
     bundle: Path
     manifest: Manifest
     n_train_images: int
-    n_val_images: int
+    n_val_images: int  # images the threshold was calibrated on (all training images when out-of-fold)
     skipped: list[str]  # "path: reason" for every unreadable training image
     seconds: dict[str, float]
 
@@ -113,12 +117,20 @@ def find_good_images(data: Path) -> list[Path]:
 
 
 def split_validation(paths: list[Path], config: ExportConfig) -> tuple[list[Path], list[Path], str]:
-    """(train, held-out, description). A seeded fraction of ``paths`` unless ``config.val_dir`` is given."""
+    """(train, held-out, description). ``config.val_dir``'s images; else, with ``config.folds`` >= 2, no
+    held-out images (the threshold comes from out-of-fold scores); else a seeded fraction of ``paths``."""
     if config.val_dir is not None:
         val = list_images(config.val_dir)
         if not val:
             raise FileNotFoundError(f"{config.val_dir}: no image files for threshold calibration")
         return paths, val, f"val dir {config.val_dir} ({len(val)} images)"
+    if config.folds:
+        if config.folds < 2:
+            raise ValueError(f"folds {config.folds}: out-of-fold calibration needs at least 2 (0 holds images out)")
+        if len(paths) < config.folds:
+            raise ValueError(f"{len(paths)} good images are too few for {config.folds} folds; pass fewer "
+                             f"folds or --val DIR")
+        return paths, [], f"out-of-fold scores of all {len(paths)} training images ({config.folds} folds, seed {config.seed})"
     if not 0.0 < config.val_fraction < 1.0:
         raise ValueError(f"val fraction {config.val_fraction} must lie in (0, 1) when no --val DIR is given")
     n_val = max(config.min_val_images, int(round(config.val_fraction * len(paths))))
@@ -206,7 +218,7 @@ def export_bundle(config: ExportConfig) -> ExportReport:
     t = time.perf_counter()
     backbone = build_backbone(config.backbone, weights=config.weights, random_weights=config.random_weights,
                               input_hw=(H, W))
-    embedder = PatchEmbedder(backbone, projection_dim=config.projection_dim).eval()
+    embedder = PatchEmbedder(backbone, projection_dim=config.projection_dim, border=config.border).eval()
     h, w = embedder.grid(H, W)
     seconds["build_model"] = time.perf_counter() - t
 
@@ -227,6 +239,16 @@ def export_bundle(config: ExportConfig) -> ExportReport:
     bank = np.ascontiguousarray(features[indices], dtype=np.float32)
     seconds["coreset"] = time.perf_counter() - t
     n_total = features.shape[0]
+    scoring = ScoringSpec(reweight=config.reweight, reweight_b=config.reweight_b)
+
+    oof = None
+    if not val_paths:
+        # Every training image scored by a bank without it (torch features: the ONNX graph's parity with
+        # them is checked below to 1e-3 relative error).
+        t = time.perf_counter()
+        oof = out_of_fold_scores(features, len(train_kept), config.folds, config.coreset, scoring,
+                                 projection_dim=config.coreset_projection_dim, seed=config.seed)
+        seconds["out_of_fold"] = time.perf_counter() - t
     del features
 
     with BundleWriter(config.output, force=config.force) as writer:
@@ -235,10 +257,14 @@ def export_bundle(config: ExportConfig) -> ExportReport:
         model_path = writer.path(MODEL_FILE)
         export_onnx(embedder, model_path, H, W, opset=config.opset)
         val_images, val_kept = load_images(val_paths, geometry, skipped)
-        if not val_images:
+        if val_paths and not val_images:
             raise ValueError(f"no readable held-out image among {len(val_paths)} ({val_source})")
-        check_images = to_tensor(val_images[: config.n_check])
-        parity_inputs = to_tensor(val_images[: config.n_check] + load_images(train_kept[:4], geometry, [])[0])
+        # Reference images for `pcedge verify`: held-out ones when there are, else the first training images.
+        check_images, check_kept = (val_images, val_kept) if val_images else load_images(
+            train_kept[: config.n_check], geometry, [])
+        check_images, check_kept = check_images[: config.n_check], check_kept[: config.n_check]
+        check_tensor = to_tensor(check_images)
+        parity_inputs = to_tensor(check_images + load_images(train_kept[:4], geometry, [])[0])
         parity = check_parity(embedder, model_path, parity_inputs)
         assert_parity(parity)  # refuses to write the bundle beyond 1e-3 relative error
         seconds["onnx"] = time.perf_counter() - t
@@ -251,31 +277,33 @@ def export_bundle(config: ExportConfig) -> ExportReport:
         hnsw.save(writer.path(INDEX_FILE))
         seconds["index"] = time.perf_counter() - t
 
-        # ---- threshold from held-out good images, scored exactly as the device will (ONNX + runtime scorer)
+        # ---- threshold: out-of-fold scores, or held-out images scored as the device will (ONNX + scorer)
         t = time.perf_counter()
-        scoring = ScoringSpec(reweight=config.reweight, reweight_b=config.reweight_b)
         exact = ExactIndex(bank)
         scorer = Scorer(bank, exact, exact, scoring)
-        backend = OrtBackend(model_path, "ort-cpu", threads=config.threads)
-        try:
-            val_scores = []
-            for start in range(0, len(val_images), config.batch_size):
-                emb = backend(to_tensor(val_images[start : start + config.batch_size]))
-                for b, patches in enumerate(scorer.patch_scores(emb)):
-                    val_scores.append(scorer.image_score(emb[b], patches).score)
-        finally:
-            backend.close()
-        threshold = calibrate_threshold(np.array(val_scores), config.target_fpr, val_source)
+        if oof is not None:
+            threshold = calibrate_threshold(oof.scores, config.target_fpr, val_source, folds=oof.k)
+        else:
+            backend = OrtBackend(model_path, "ort-cpu", threads=config.threads)
+            try:
+                val_scores = []
+                for start in range(0, len(val_images), config.batch_size):
+                    emb = backend(to_tensor(val_images[start : start + config.batch_size]))
+                    for b, patches in enumerate(scorer.patch_scores(emb)):
+                        val_scores.append(scorer.image_score(emb[b], patches).score)
+            finally:
+                backend.close()
+            threshold = calibrate_threshold(np.array(val_scores), config.target_fpr, val_source)
         seconds["threshold"] = time.perf_counter() - t
 
         # ---- reference data for `pcedge verify`: inputs, torch embeddings, exact image scores
         with torch.inference_mode():
-            check_emb = embedder(torch.from_numpy(check_images)).numpy().astype(np.float32)
+            check_emb = embedder(torch.from_numpy(check_tensor)).numpy().astype(np.float32)
         check_scores = np.array(
             [scorer.image_score(check_emb[b], p).score for b, p in enumerate(scorer.patch_scores(check_emb))],
             dtype=np.float32,
         )
-        np.save(writer.path(f"{CHECK_DIR}/images.npy"), check_images)
+        np.save(writer.path(f"{CHECK_DIR}/images.npy"), check_tensor)
         np.save(writer.path(f"{CHECK_DIR}/embeddings.npy"), check_emb)
         np.save(writer.path(f"{CHECK_DIR}/scores.npy"), check_scores)
 
@@ -288,7 +316,7 @@ def export_bundle(config: ExportConfig) -> ExportReport:
             model=ModelSpec(
                 backbone=config.backbone, weights=backbone.weights_source, layers=list(backbone.layers),
                 layer_channels=list(backbone.channels), layer_strides=list(backbone.strides),
-                projection_dim=config.projection_dim, opset=config.opset, parity=parity,
+                projection_dim=config.projection_dim, opset=config.opset, parity=parity, border=config.border,
             ),
             memory_bank=MemoryBankSpec(
                 n=bank.shape[0], dim=bank.shape[1], n_features_total=n_total, n_train_images=len(train_kept),
@@ -301,9 +329,10 @@ def export_bundle(config: ExportConfig) -> ExportReport:
             scoring=scoring,
             threshold=threshold,
             check=CheckSpec(images=f"{CHECK_DIR}/images.npy", embeddings=f"{CHECK_DIR}/embeddings.npy",
-                            scores=f"{CHECK_DIR}/scores.npy", names=[p.name for p in val_kept[: config.n_check]]),
+                            scores=f"{CHECK_DIR}/scores.npy", names=[p.name for p in check_kept]),
         )
         writer.commit(manifest)
     if skipped:
         log.warning("%d training/held-out file(s) skipped as unreadable", len(skipped))
-    return ExportReport(config.output, manifest, len(train_kept), len(val_kept), skipped, seconds)
+    n_calibration = len(train_kept) if oof is not None else len(val_kept)
+    return ExportReport(config.output, manifest, len(train_kept), n_calibration, skipped, seconds)

@@ -111,6 +111,9 @@ class ModelSpec:
     layer_channels: list[int] = field(default_factory=list)
     layer_strides: list[int] = field(default_factory=list)
     aggregation: str = "avg_pool 3x3, stride 1, same size"
+    # How the 3x3 average fills a border patch's neighbourhood (pcedge.export.embedder.BORDERS). Bundles
+    # written before this field averaged the real neighbours only: "mean".
+    border: str = "mean"
     upsample: str = "bilinear to the stride-8 grid"
     projection_dim: int | None = None  # None: no projection (D = sum of layer channels)
     opset: int = 18
@@ -155,7 +158,7 @@ class ScoringSpec:
 
 @dataclass
 class ThresholdSpec:
-    """The image-score threshold, calibrated on held-out good images only.
+    """The image-score threshold, calibrated on good images only (out-of-fold or held-out scores).
 
     The normalised score is ``clip(0.5 + 0.5 * (score - value) / scale, 0, 1)``: the threshold maps to 0.5
     and the lowest held-out nominal score (``value - scale``) to 0.
@@ -166,8 +169,27 @@ class ThresholdSpec:
     method: str = ""
     target_fpr: float = 0.01
     n_images: int = 0
-    source: str = ""  # "val dir ..." or "held-out fraction ... of train"
-    nominal_scores: list[float] = field(default_factory=list)  # the held-out scores, for reporting
+    source: str = ""  # "val dir ...", "out-of-fold scores of ..." or "held-out fraction ... of train"
+    nominal_scores: list[float] = field(default_factory=list)  # the calibration scores, for reporting
+    # The false-alarm rate a new good image meets at ``value``, estimated from the calibration scores
+    # (exchangeable with a new one): n_above of n exceed the threshold -> Beta(n_above + 1, n - n_above).
+    # None in bundles written before these fields existed.
+    expected_fpr: float | None = None  # the Beta's mean, (n_above + 1) / (n + 1)
+    fpr_interval: list[float] | None = None  # its central interval at ``confidence``, [low, high]
+    confidence: float = 0.95
+    n_above: int | None = None  # calibration scores above the threshold
+    folds: int = 0  # k of the out-of-fold calibration; 0: held-out images
+
+    def false_alarm_summary(self) -> str:
+        """One line for ``info`` and ``export``: the estimated false-alarm rate and its interval."""
+        if self.expected_fpr is None or self.fpr_interval is None:
+            return "false-alarm rate not estimated (bundle written before pcedge recorded it)"
+        low, high = self.fpr_interval
+        # A threshold above every calibration score: Beta(1, n) bounds the rate from above.
+        bound = "at most " if self.n_above == 0 else ""
+        return (f"expected false-alarm rate {bound}{self.expected_fpr:.2%} on good parts "
+                f"({self.confidence:.0%} interval {low:.2%} to {high:.2%}; {self.n_above} of "
+                f"{self.n_images} calibration scores above the threshold)")
 
 
 @dataclass

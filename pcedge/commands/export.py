@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="coreset size: a ratio (0.1) or a count (5000); 1.0 keeps the full memory bank "
                              "(default: see README, 'Choosing the coreset')")
     parser.add_argument("--dim", type=int, default=None, help="project patch features to this many channels")
+    parser.add_argument("--border", choices=("zero", "mean", "reflect"), default="zero",
+                        help="what the 3x3 feature average counts beyond the feature map's edge: zero (padding "
+                             "counted, the paper's code and anomalib; default), mean (real neighbours only), "
+                             "reflect (mirrored features); see README, 'Border patches'")
     parser.add_argument("--size", type=parse_size, default=(g.height, g.width), metavar="N|WxH",
                         help=f"network input size, multiples of 16 (default {g.width})")
     parser.add_argument("--mode", choices=("stretch", "letterbox", "crop"), default=g.mode,
@@ -62,9 +66,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", type=int, default=g.resize, help="crop mode: shorter side before the crop (256)")
     parser.add_argument("--crop", type=int, default=None, metavar="N",
                         help="shorthand for --mode crop --size N (the paper's MVTec protocol: --resize 256 --crop 224)")
-    parser.add_argument("--val", type=Path, default=None, help="folder of held-out good images for the threshold")
+    parser.add_argument("--val", type=Path, default=None,
+                        help="folder of separate good images for the threshold (default: out-of-fold scores of "
+                             "every training image, see --folds)")
+    parser.add_argument("--folds", type=int, default=5,
+                        help="k folds for the out-of-fold threshold calibration (default 5; each fold is scored "
+                             "against a bank of the others; 0: hold out --val-fraction instead)")
     parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="else hold out this seeded fraction of the training images (default 0.1, at least 3)")
+                        help="with --folds 0: hold out this seeded fraction of the training images (default 0.1, "
+                             "at least 3; they are lost to the memory bank)")
     parser.add_argument("--fpr", type=float, default=0.01, help="target false-alarm rate on good parts (default 0.01)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8, help="images per forward pass while fitting")
@@ -91,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         raise
     from pcedge.runtime.bundle import Geometry
 
+    if args.folds != 0 and args.folds < 2:
+        print(f"pcedge export: --folds {args.folds}: expected 0 (hold images out) or at least 2", file=sys.stderr)
+        return 2
     height, width = args.size
     mode = args.mode
     if args.crop is not None:
@@ -100,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, output=args.output, backbone=args.backbone, weights=args.weights,
         random_weights=args.random_weights, projection_dim=args.dim, geometry=geometry,
         coreset=args.coreset if args.coreset is not None else DEFAULT_CORESET, seed=args.seed,
-        batch_size=args.batch, val_dir=args.val, val_fraction=args.val_fraction, target_fpr=args.fpr,
+        batch_size=args.batch, val_dir=args.val, folds=args.folds, val_fraction=args.val_fraction,
+        target_fpr=args.fpr, border=args.border,
         hnsw_M=args.hnsw_M, hnsw_ef_construction=args.ef_construction, hnsw_ef=args.ef,
         reweight=not args.no_reweight, reweight_b=args.b, threads=args.threads, force=args.force,
         progress=not args.quiet,
@@ -125,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
           f"coverage radius {m.memory_bank.coverage_radius:.3f}")
     print(f"  ONNX parity vs torch: max rel error {m.model.parity.max_rel_error:.2e}, min cosine {m.model.parity.min_cosine:.6f}")
     print(f"  threshold {m.threshold.value:.4f} ({m.threshold.method})")
+    print(f"  {m.threshold.false_alarm_summary()}")
     if report.skipped:
         print(f"  skipped {len(report.skipped)} unreadable file(s):")
         for line in report.skipped:
