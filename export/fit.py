@@ -43,6 +43,7 @@ from pcedge.runtime.versions import package_versions
 from .backbones import build_backbone
 from .calibration import calibrate_threshold
 from .coreset import coverage_radius, greedy_coreset, resolve_count
+from .detectability import DEFAULT_SIZES, measure_detectability
 from .embedder import DEFAULT_BORDER, PatchEmbedder
 from .onnx_export import assert_parity, check_parity, export_onnx
 from .out_of_fold import DEFAULT_FOLDS, out_of_fold_scores
@@ -87,6 +88,8 @@ class ExportConfig:
     reweight: bool = True  # Eq. 7
     reweight_b: int = ScoringSpec().reweight_b
     n_check: int = 4  # reference images stored for `pcedge verify`
+    defect_sizes: tuple[float, ...] = DEFAULT_SIZES  # synthetic defects for the detectability check; () skips it
+    n_detectability: int = 8  # good images outside the bank that get the synthetic defects
     opset: int = 18
     threads: int | None = None
     force: bool = False
@@ -296,6 +299,24 @@ def export_bundle(config: ExportConfig) -> ExportReport:
             threshold = calibrate_threshold(np.array(val_scores), config.target_fpr, val_source)
         seconds["threshold"] = time.perf_counter() - t
 
+        # ---- can this input size see small defects? (synthetic defects in images the bank has not seen)
+        detectability = None
+        if config.defect_sizes:
+            t = time.perf_counter()
+            if oof is not None:
+                probe_paths = [train_kept[i] for i in oof.last_fold[: config.n_detectability]]
+                probe_images = to_tensor(load_images(probe_paths, geometry, [])[0])
+                probe_scorer, probe_source = oof.last_scorer, f"fold {oof.k} of the out-of-fold split"
+            else:
+                probe_images = to_tensor(val_images[: config.n_detectability])
+                probe_scorer, probe_source = scorer, "held-out images"
+            detectability = measure_detectability(embedder, probe_scorer, probe_images, threshold.value, probe_source,
+                                                  sizes=config.defect_sizes, seed=config.seed,
+                                                  batch=config.batch_size)
+            if detectability.warning:
+                log.warning("%s", detectability.warning)
+            seconds["detectability"] = time.perf_counter() - t
+
         # ---- reference data for `pcedge verify`: inputs, torch embeddings, exact image scores
         with torch.inference_mode():
             check_emb = embedder(torch.from_numpy(check_tensor)).numpy().astype(np.float32)
@@ -330,6 +351,7 @@ def export_bundle(config: ExportConfig) -> ExportReport:
             threshold=threshold,
             check=CheckSpec(images=f"{CHECK_DIR}/images.npy", embeddings=f"{CHECK_DIR}/embeddings.npy",
                             scores=f"{CHECK_DIR}/scores.npy", names=[p.name for p in check_kept]),
+            detectability=detectability,
         )
         writer.commit(manifest)
     if skipped:

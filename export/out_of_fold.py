@@ -32,6 +32,8 @@ class OutOfFold:
     scores: np.ndarray  # [n_images] float64 image scores, each from a bank without that image
     folds: np.ndarray  # [n_images] int fold of each image
     k: int
+    last_scorer: Scorer  # the last fold's bank (exact index): a model that has not seen that fold's images
+    last_fold: np.ndarray  # [m] image indices of the last fold
 
 
 def fold_assignment(n_images: int, k: int, seed: int = 0) -> np.ndarray:
@@ -80,4 +82,4 @@ def out_of_fold_scores(features: np.ndarray, n_images: int, k: int, coreset: flo
             emb = np.ascontiguousarray(by_image[ids], dtype=np.float32)  # [b, h*w, D]
             for i, patches in zip(ids, scorer.patch_scores(emb)):
                 scores[i] = scorer.image_score(by_image[i], patches).score
-    return OutOfFold(scores=scores, folds=folds, k=k)
+    return OutOfFold(scores=scores, folds=folds, k=k, last_scorer=scorer, last_fold=inside)

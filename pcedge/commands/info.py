@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
         f"blur sigma {m.scoring.blur_sigma} at {m.scoring.blur_reference_size}px",
         f"threshold   {t.value:.5f} for FPR {t.target_fpr:g}: {t.method}; source {t.source}; normalised scale {t.scale:.5f}",
         f"            {t.false_alarm_summary()}",
+        "detect      " + (m.detectability.summary() + (f"\n            WARNING: {m.detectability.warning}"
+                                                      if m.detectability.warning else "")
+                             if m.detectability is not None else "not measured (exported without the check)"),
         f"check       {len(m.check.names)} reference images for `pcedge verify`: {', '.join(m.check.names)}",
     ]
     if m.engines:
