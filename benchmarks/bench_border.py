@@ -7,11 +7,13 @@ way. For each treatment (``--border`` of ``pcedge export``) this exports a bundl
 settings (EfficientNet-Lite0, 224 px stretch, 1 % coreset, 5-fold threshold), scores every test image with
 ONNX Runtime and the exact index, and reports image AUROC (with a 95 % paired bootstrap interval against
 ``zero`` and against ``mean``), pixel AUROC, AUPRO@0.3, F1 at the calibrated threshold, and where the good
-test images' highest patch lies (outer ring of the 28 x 28 grid or inside).
+test images' highest patch lies (outer ring of the 28 x 28 grid or inside). DeepPCB uses a seeded subset of
+``--pcb-train`` training images (default 200: three exports of all 1000 took over an hour on this shared
+machine); every test image of both categories is scored.
 
 Writes ``results/border.json`` and ``results/border.md``.
 
-    python benchmarks/bench_border.py                       # BSData (150 train) and DeepPCB (1000 train)
+    python benchmarks/bench_border.py                       # BSData (150 train), DeepPCB (200 of 1000 train)
     python benchmarks/bench_border.py --categories bsdata --borders zero mean
 """
 
@@ -27,11 +29,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BSDATA, DEEPPCB, RESULTS, cached_bundle, load_average, machine_info, paired_auroc_delta, score_category, write_json  # noqa: E402
+from common import (BSDATA, DEEPPCB, RESULTS, cached_bundle, load_average, machine_info, paired_auroc_delta,  # noqa: E402
+                    score_category, subset_folder, write_json)
 
 from pcedge.runtime.bundle import Geometry  # noqa: E402
 from pcedge.runtime.evaluation.dataset import load_category  # noqa: E402
 from pcedge.runtime.files import write_text_atomic  # noqa: E402
+from pcedge.runtime.preprocess import list_images  # noqa: E402
 
 CATEGORIES = {"bsdata": BSDATA, "deeppcb": DEEPPCB}
 
@@ -71,6 +75,14 @@ class BorderBenchmark:
     verdict: list[str] = field(default_factory=list)
 
 
+def train_folder(name: str, pcb_train: int) -> Path:
+    """The training images used for ``name``: all of BSData, a seeded subset of DeepPCB (shared by the
+    border, threshold and peer benchmarks, so their bundles are the same)."""
+    if name == "bsdata" or pcb_train <= 0:
+        return CATEGORIES[name]
+    return subset_folder(DEEPPCB, pcb_train)
+
+
 def run(args) -> BorderBenchmark:
     bench = BorderBenchmark(
         settings=f"efficientnet_lite0, stretch {args.size}x{args.size}, coreset 1 %, 5-fold threshold, exact index, "
@@ -79,11 +91,13 @@ def run(args) -> BorderBenchmark:
     for name in args.categories:
         data = CATEGORIES[name]
         category = load_category(data, require_train=True)
+        train = train_folder(name, args.pcb_train)
+        n_train = len(list_images(train / "train" / "good" if (train / "train" / "good").is_dir() else train))
         scores: dict[str, np.ndarray] = {}
         labels = None
         for border in args.borders:
             t = time.perf_counter()
-            bundle = cached_bundle(f"border_{name}_{border}_{args.size}", data, fresh=args.fresh, border=border,
+            bundle = cached_bundle(f"border_{name}_{border}_{args.size}", train, fresh=args.fresh, border=border,
                                    geometry=Geometry(height=args.size, width=args.size), threads=args.threads)
             print(f"[{name}] {border}: bundle {'reused' if bundle.reused else 'exported'} "
                   f"({time.perf_counter() - t:.0f} s); scoring {len(category.test)} test images", flush=True)
@@ -95,7 +109,7 @@ def run(args) -> BorderBenchmark:
             at = m.at_threshold
             flagged = np.array([bool(r.predicted_anomalous) for r in scored.records])
             row = BorderRow(
-                category=name, border=border, n_train=len(category.train), n_good=m.n_good, n_anomalous=m.n_anomalous,
+                category=name, border=border, n_train=n_train, n_good=m.n_good, n_anomalous=m.n_anomalous,
                 image_auroc=m.image_auroc, delta_vs_zero=None, delta_vs_zero_ci=None, delta_vs_mean=None,
                 delta_vs_mean_ci=None, pixel_auroc=m.pixel_auroc, aupro=m.aupro, image_f1_max=m.image_f1_max,
                 precision_at_threshold=at.precision, recall_at_threshold=at.recall, f1_at_threshold=at.f1,
@@ -172,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--categories", nargs="+", choices=sorted(CATEGORIES), default=["bsdata", "deeppcb"])
     parser.add_argument("--borders", nargs="+", choices=("zero", "mean", "reflect"), default=["zero", "mean", "reflect"])
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--pcb-train", type=int, default=200, help="DeepPCB training images (seeded subset; 0 = all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="re-export even when a cached bundle matches")
     parser.add_argument("--out", type=Path, default=RESULTS)

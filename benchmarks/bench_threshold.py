@@ -4,7 +4,7 @@ Before (pcedge 0.1): 10 % of the training images held out (seeded), the threshol
 Gaussian tail when fewer than 1 / FPR), the memory bank built from the other 90 %. After (the default
 now): the bank holds every training image and the threshold comes from the 5-fold out-of-fold scores of
 all of them. Both at pcedge's other defaults (EfficientNet-Lite0, 224 px stretch, 1 % coreset, border
-zero, target FPR 1 %). Reports precision, recall, F1 and the false-alarm rate on the test images at
+zero, target FPR 1 %); DeepPCB from the same 200-image training subset as ``bench_border.py``. Reports precision, recall, F1 and the false-alarm rate on the test images at
 each bundle's threshold, beside the manifest's estimated false-alarm rate and its 95 % interval.
 
 The 5-fold bundles are the ``zero`` bundles of ``bench_border.py`` (same settings, cached under
@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_border import train_folder  # noqa: E402
 from common import BSDATA, DEEPPCB, RESULTS, cached_bundle, load_average, machine_info, score_category, write_json  # noqa: E402
 
 from pcedge.runtime.bundle import Geometry  # noqa: E402
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--categories", nargs="+", choices=sorted(CATEGORIES), default=["bsdata", "deeppcb"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pcb-train", type=int, default=200, help="DeepPCB training images (seeded subset, as bench_border)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     bench = ThresholdBenchmark(settings="efficientnet_lite0, stretch 224, coreset 1 %, border zero, target FPR 1 %, "
@@ -75,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.categories:
         data = CATEGORIES[name]
         category = load_category(data, require_train=True)
+        train = train_folder(name, args.pcb_train)
         variants = (("held-out 10 %", f"threshold_{name}_holdout_224", {"folds": 0}),
                     ("5-fold out-of-fold", f"border_{name}_zero_224", {}))
         for label, bundle_name, extra in variants:
-            bundle = cached_bundle(bundle_name, data, border="zero", geometry=geometry, threads=args.threads, **extra)
+            bundle = cached_bundle(bundle_name, train, border="zero", geometry=geometry, threads=args.threads, **extra)
             manifest = json.loads((bundle.path / "manifest.json").read_text())
             t = manifest["threshold"]
             print(f"[{name}] {label}: scoring {len(category.test)} test images", flush=True)

