@@ -67,11 +67,14 @@ def measure_detectability(embedder, scorer: Scorer, images: np.ndarray, threshol
     smallest = min(seen) if seen else None
     warning = None
     if smallest is None or smallest > min(sizes):
-        side = min(H, W)
-        target = int(np.ceil(side * (smallest or 2 * max(sizes)) / min(sizes) / 16.0) * 16)
+        # Seen at fraction s means about s * side input pixels suffice: scale the input by s / min(sizes). When
+        # no size is seen, even max(sizes) is too small, so that scale is a lower bound.
+        factor = (smallest if smallest is not None else max(sizes)) / min(sizes)
+        target = int(np.ceil(round(min(H, W) * factor) / 16.0) * 16)
+        hint = f"e.g. --size {target}" if smallest is not None else f"at least --size {target}"
         warning = (f"defects of {100 * min(sizes):g} % of the image side ({pixels[0]:.0f} px at {W}x{H}) were flagged in "
                    f"{flagged[0]:.0%} of {images.shape[0]} images: this input size cannot see defects that small; "
-                   f"export with a larger --size (e.g. --size {target}) if your defects are that small")
+                   f"export with a larger --size ({hint}) if your defects are that small")
     return DetectabilitySpec(
         method=f"random-noise squares pasted into {images.shape[0]} good images outside the memory bank ({source}), "
                f"scored against a bank without them at the calibrated threshold; seen = flagged in >= "

@@ -50,7 +50,7 @@ def test_large_defects_are_seen_and_tiny_ones_warn():
     assert spec.n_images == 6 and spec.pixels == [1.0, 56.0] and spec.flagged_without_defect == 0.0
     assert spec.flagged[1] == 1.0 and spec.flagged[0] < 0.5
     assert spec.smallest_seen == 0.25
-    assert "0.4 % of the image side (1 px at 224x224)" in spec.warning and "--size" in spec.warning
+    assert "0.4 % of the image side (1 px at 224x224)" in spec.warning and "(e.g. --size 14000)" in spec.warning
     assert "synthetic defects flagged by size" in spec.summary()
 
 
