@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_border import train_folder  # noqa: E402
 from common import BSDATA, DEEPPCB, RESULTS, cached_bundle, load_average, machine_info, score_category, write_json  # noqa: E402
 
+from pcedge.export.calibration import calibrate_threshold  # noqa: E402
 from pcedge.runtime.bundle import Geometry  # noqa: E402
+from pcedge.runtime.evaluation.metrics import precision_recall_f1  # noqa: E402
 from pcedge.runtime.evaluation.dataset import load_category  # noqa: E402
 from pcedge.runtime.files import write_text_atomic  # noqa: E402
 
@@ -38,7 +40,8 @@ CATEGORIES = {"bsdata": BSDATA, "deeppcb": DEEPPCB}
 @dataclass
 class ThresholdRow:
     category: str
-    calibration: str  # "held-out 10 %" or "5-fold out-of-fold"
+    calibration: str  # "held-out 10 %" or "5-fold out-of-fold" (at --fpr target_fpr)
+    target_fpr: float
     bank_images: int
     calibration_images: int
     method: str
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--categories", nargs="+", choices=sorted(CATEGORIES), default=["bsdata", "deeppcb"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--more-fpr", type=float, nargs="*", default=[0.02, 0.05],
+                        help="further --fpr targets evaluated on the out-of-fold bundle's stored scores")
     parser.add_argument("--pcb-train", type=int, default=200, help="DeepPCB training images (seeded subset, as bench_border)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             labels = np.array([r.is_anomalous for r in scored.records])
             flagged = np.array([bool(r.predicted_anomalous) for r in scored.records])
             bench.rows.append(ThresholdRow(
-                category=name, calibration=label, bank_images=manifest["memory_bank"]["n_train_images"],
+                category=name, calibration=label, target_fpr=t["target_fpr"],
+                bank_images=manifest["memory_bank"]["n_train_images"],
                 calibration_images=t["n_images"], method=t["method"], threshold=t["value"],
                 expected_fpr=t.get("expected_fpr"), fpr_interval=t.get("fpr_interval"), image_auroc=m.image_auroc,
                 precision=m.at_threshold.precision, recall=m.at_threshold.recall, f1=m.at_threshold.f1,
@@ -99,6 +105,22 @@ def main(argv: list[str] | None = None) -> int:
             r = bench.rows[-1]
             print(f"    P/R/F1 {r.precision:.3f}/{r.recall:.3f}/{r.f1:.3f}, good flagged {r.test_false_alarm_rate:.3f}",
                   flush=True)
+            if extra:
+                continue
+            # Other --fpr targets on the same out-of-fold scores (the manifest keeps them) and the same test
+            # scores: what `pcedge export --fpr X` would have set, without exporting again.
+            scores = np.array([rec.score for rec in scored.records])
+            for fpr in args.more_fpr:
+                spec = calibrate_threshold(np.array(t["nominal_scores"]), fpr, t["source"], folds=t["folds"])
+                predicted = scores > spec.value
+                prf = precision_recall_f1(labels, predicted)
+                bench.rows.append(ThresholdRow(
+                    category=name, calibration=label, target_fpr=fpr, bank_images=r.bank_images,
+                    calibration_images=spec.n_images, method=spec.method, threshold=spec.value,
+                    expected_fpr=spec.expected_fpr, fpr_interval=spec.fpr_interval, image_auroc=m.image_auroc,
+                    precision=prf.precision, recall=prf.recall, f1=prf.f1,
+                    test_false_alarm_rate=float(predicted[~labels].mean()), n_good=m.n_good,
+                    n_anomalous=m.n_anomalous, loadavg_after=load_average()))
             write_json(args.out / "threshold.json", bench)
     bench.loadavg_end = load_average()
     write_json(args.out / "threshold.json", bench)
@@ -107,17 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{bench.settings}. Load average at start {bench.loadavg_start}, at end {bench.loadavg_end}.",
         "",
-        "| category | calibration | bank images | calibration scores | threshold | estimated FPR (95 % interval) | "
+        "| category | calibration | --fpr | bank images | calibration scores | threshold | estimated FPR (95 % interval) | "
         "test: good flagged | precision | recall | F1 | image AUROC |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in bench.rows:
         est = "-" if r.expected_fpr is None else (
             f"{100 * r.expected_fpr:.1f} % ({100 * r.fpr_interval[0]:.1f}-{100 * r.fpr_interval[1]:.1f})")
-        lines.append(f"| {r.category} | {r.calibration} | {r.bank_images} | {r.calibration_images} | {r.threshold:.3f} | "
+        lines.append(f"| {r.category} | {r.calibration} | {100 * r.target_fpr:g} % | {r.bank_images} | {r.calibration_images} | {r.threshold:.3f} | "
                      f"{est} | {100 * r.test_false_alarm_rate:.1f} % of {r.n_good} | {100 * r.precision:.1f} | "
                      f"{100 * r.recall:.1f} | {100 * r.f1:.1f} | {100 * r.image_auroc:.1f} |")
-    lines += ["", *[f"- {r.category}, {r.calibration}: {r.method}" for r in bench.rows], ""]
+    lines += ["", *[f"- {r.category}, {r.calibration}, --fpr {r.target_fpr:g}: {r.method}" for r in bench.rows], ""]
     text = "\n".join(lines)
     write_text_atomic(args.out / "threshold.md", text)
     print(text)
