@@ -36,7 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BSDATA, DEEPPCB, RESULTS, cached_bundle, load_average, machine_info, score_category, subset_folder, write_json  # noqa: E402
+from common import (BSDATA, DEEPPCB, RESULTS, cached_bundle, load_average, machine_info, paired_auroc_delta,  # noqa: E402
+                    score_category, subset_folder, write_json)
 
 from pcedge.runtime.bundle import Geometry  # noqa: E402
 from pcedge.runtime.evaluation.accuracy import AccuracyAccumulator  # noqa: E402
@@ -77,7 +78,11 @@ class PeerRow:
     pcedge: SideMetrics
     peer: SideMetrics
     spearman: float
+    image_auroc_delta: float  # pcedge minus peer, same test images
+    image_auroc_delta_ci: list[float]  # its 95 % stratified paired bootstrap interval
     largest_differences: list[Disagreement]
+    pcedge_scores: list[float]  # per test image, in load_category order
+    peer_scores: list[float]
     loadavg_after: list[float]
 
 
@@ -138,15 +143,25 @@ def run_one(name: str, data: Path, train_folder: Path, protocol: str, args, weig
     r_ours, r_peer = _ranks(s_ours), _ranks(s_peer)
     worst = np.argsort(-np.abs(r_ours - r_peer))[:5]
     m = ours.metrics
+    labels = np.array([r.is_anomalous for r in ours.records])
+    delta, delta_ci = paired_auroc_delta(labels, s_ours, s_peer)
     return PeerRow(
         category=name, protocol=protocol, n_train=len(train), n_test=len(category.test),
         pcedge=SideMetrics(m.image_auroc, m.pixel_auroc, m.aupro, m.image_f1_max, bank_ours, fit_pcedge, ours.ms_per_image),
         peer=SideMetrics(theirs.image_auroc, theirs.pixel_auroc, theirs.aupro, theirs.image_f1_max, bank_peer, fit_peer,
                          ms_peer),
-        spearman=float(spearmanr(s_ours, s_peer).statistic),
+        spearman=float(spearmanr(s_ours, s_peer).statistic), image_auroc_delta=delta, image_auroc_delta_ci=delta_ci,
+        pcedge_scores=s_ours.tolist(), peer_scores=s_peer.tolist(),
         largest_differences=[Disagreement(Path(ours.records[i].path).name, ours.records[i].label, float(r_ours[i]),
                                           float(r_peer[i]), float(s_ours[i]), float(s_peer[i])) for i in worst],
         loadavg_after=load_average())
+
+
+def _delta(r: PeerRow) -> str:
+    if r.image_auroc_delta is None:
+        return "-"
+    lo, hi = r.image_auroc_delta_ci
+    return f"{100 * r.image_auroc_delta:+.1f} ({100 * lo:+.1f}, {100 * hi:+.1f})"
 
 
 def markdown(bench: PeerBenchmark) -> str:
@@ -156,16 +171,18 @@ def markdown(bench: PeerBenchmark) -> str:
         "",
         f"{bench.peer}. Backbone check (same input tensor, both networks): max relative error per tap "
         f"{', '.join(f'{v:.1e}' for v in c.max_rel_error)}, min cosine {', '.join(f'{v:.6f}' for v in c.min_cosine)} "
-        f"on {c.image}. Load average at start {bench.loadavg_start}, at end {bench.loadavg_end}. Values in percent.",
+        f"on {c.image}. Load average at start {bench.loadavg_start}, at end {bench.loadavg_end}. Values in percent. "
+        "Pixel metrics over the whole original image: what a centre crop does not see counts as missed "
+        "(the same for both sides). Δ: pcedge minus peer, 95 % stratified paired bootstrap interval.",
         "",
-        "| category | protocol | train | system | bank | image AUROC | pixel AUROC | AUPRO@0.3 | F1-max | rank corr. |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| category | protocol | train | system | bank | image AUROC | pixel AUROC | AUPRO@0.3 | F1-max | rank corr. | Δ image AUROC (95 % CI) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in bench.rows:
         for label, s in (("pcedge", r.pcedge), ("anomalib 2.7", r.peer)):
             lines.append(f"| {r.category} | {r.protocol} | {r.n_train} | {label} | {s.bank} | {100 * s.image_auroc:.1f} | "
                          f"{100 * s.pixel_auroc:.1f} | {100 * s.aupro:.1f} | {100 * s.image_f1_max:.1f} | "
-                         f"{r.spearman:.3f} |")
+                         f"{r.spearman:.3f} | {_delta(r) if label == 'pcedge' else ''} |")
     lines += ["", "Largest per-image rank differences (score percentile among the test images):", ""]
     for r in bench.rows:
         lines.append(f"- {r.category} / {r.protocol}: " + "; ".join(
@@ -181,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pcb-train", type=int, default=200)
     parser.add_argument("--paper-coreset", type=float, default=0.01, help="coreset ratio of the paper protocol, both sides")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of categories not run now from an existing vs_peer.json")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     import torch
@@ -200,6 +219,15 @@ def main(argv: list[str] | None = None) -> int:
                                f"layers {', '.join(('blocks.2', 'blocks.4'))}, num_neighbors 9)",
                           backbone_check=check, machine=machine_info(), loadavg_start=load_average())
     data = {"bsdata": (BSDATA, BSDATA), "deeppcb": (DEEPPCB, subset_folder(DEEPPCB, args.pcb_train))}
+    if args.merge and (args.out / "vs_peer.json").is_file():
+        import json
+
+        kept = [r for r in json.loads((args.out / "vs_peer.json").read_text())["rows"]
+                if r["category"] not in args.categories]
+        bench.rows += [PeerRow(**{**r, "pcedge": SideMetrics(**r["pcedge"]), "peer": SideMetrics(**r["peer"]),
+                                  "largest_differences": [Disagreement(**x) for x in r["largest_differences"]],
+                                  **{k: r.get(k) for k in ("image_auroc_delta", "image_auroc_delta_ci",
+                                                           "pcedge_scores", "peer_scores")}}) for r in kept]
     for name in args.categories:
         for protocol in args.protocols:
             bench.rows.append(run_one(name, data[name][0], data[name][1], protocol, args, weights))
