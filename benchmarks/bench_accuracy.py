@@ -198,8 +198,10 @@ def markdown(bench: AccuracyBenchmark) -> str:
     for c in bench.categories:
         lines.append(
             f"- **{c.category}** (`{c.data}`): {c.n_train_used} of {c.n_train_available} training images used "
-            f"({c.n_bank_images} in the memory bank, the rest held out by the exporter for the threshold; the "
-            f"reference uses the same {c.n_bank_images}); {c.n_test} test images; pixel metrics at "
+            f"({c.n_bank_images} in the memory bank"
+            + (", the threshold from their out-of-fold scores" if c.n_bank_images == c.n_train_used
+               else ", the rest held out by the exporter for the threshold")
+            + f"; the reference uses the same {c.n_bank_images}); {c.n_test} test images; pixel metrics at "
             f"{c.pixel_metric_resolution}. Export seconds: "
             + ", ".join(f"{k} {v:.0f}" for k, v in c.export_seconds.items())
             + f"; reference {c.reference_seconds:.0f} s."
