@@ -59,9 +59,9 @@ _NORMALISATION = {
 }
 
 #: Default coreset size, chosen from the accuracy/latency benchmark (README, "Choosing the coreset";
-#: results/coreset_ratio.md): on BSData, 1 % against 25 % changed image AUROC by -1.1 points with a 95 % CI
-#: of (-4.2, +1.9), pixel AUROC by -0.4, and DeepPCB by +0.6 (-1.8, +2.9), while the exact index query
-#: shrinks 10-25x. The paper's Table 2 shows the same: 1 % loses almost nothing against 10 %.
+#: results/coreset_ratio.md): on BSData, 1 % against 25 % changed image AUROC by -0.5 points with a 95 % CI
+#: of (-4.4, +2.9), pixel AUROC by -0.3, and DeepPCB by -1.3 (-3.5, +1.1), while the exact index query
+#: shrinks 25x. The paper's Table 2 shows the same: 1 % loses almost nothing against 10 %.
 DEFAULT_CORESET = 0.01
 
 
