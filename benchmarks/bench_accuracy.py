@@ -1,5 +1,8 @@
 """Accuracy of pcedge against the plain full-bank PyTorch reference, on the full shared categories.
 
+The reference shares pcedge's embedder: this measures what the coreset and the index cost, not whether the
+method matches the paper's code (that is ``bench_vs_peer.py``).
+
 For each category: export pcedge bundles with a 1 % and a 10 % greedy coreset, evaluate each with the
 exact index and with HNSW (ONNX Runtime CPU backend), and fit the reference (every training patch in
 the memory bank, exact float64 distances, literal Eq. 7; ``benchmarks/reference_patchcore.py``) on
@@ -168,7 +171,7 @@ def run_category(name: str, data: Path, args, work: Path, bench: AccuracyBenchma
 
 def markdown(bench: AccuracyBenchmark) -> str:
     lines = [
-        "# Accuracy: pcedge versus the full-bank PyTorch reference",
+        "# Accuracy: pcedge versus the full-bank PyTorch reference (same embedder: coreset and index cost only)",
         "",
         f"Backbone {bench.backbone}, geometry {bench.geometry}, ONNX Runtime CPU, {bench.threads} threads. "
         f"Pixel metrics with the longer side scaled to at most {bench.pixel_size} px (per category below). "
@@ -195,8 +198,10 @@ def markdown(bench: AccuracyBenchmark) -> str:
     for c in bench.categories:
         lines.append(
             f"- **{c.category}** (`{c.data}`): {c.n_train_used} of {c.n_train_available} training images used "
-            f"({c.n_bank_images} in the memory bank, the rest held out by the exporter for the threshold; the "
-            f"reference uses the same {c.n_bank_images}); {c.n_test} test images; pixel metrics at "
+            f"({c.n_bank_images} in the memory bank"
+            + (", the threshold from their out-of-fold scores" if c.n_bank_images == c.n_train_used
+               else ", the rest held out by the exporter for the threshold")
+            + f"; the reference uses the same {c.n_bank_images}); {c.n_test} test images; pixel metrics at "
             f"{c.pixel_metric_resolution}. Export seconds: "
             + ", ".join(f"{k} {v:.0f}" for k, v in c.export_seconds.items())
             + f"; reference {c.reference_seconds:.0f} s."

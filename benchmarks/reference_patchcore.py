@@ -1,4 +1,10 @@
-"""A plain PyTorch PatchCore (Roth et al., CVPR 2022), written to be obviously correct, to check pcedge against.
+"""A plain full-bank PyTorch PatchCore (Roth et al., CVPR 2022): the yardstick for pcedge's coreset and index.
+
+What it checks: that pcedge's speed-ups (greedy coreset, HNSW with re-scoring, the ONNX graph, the runtime
+scorer) lose nothing against exhaustive exact search on the same patch features. What it does not check:
+the method itself. It shares pcedge's embedder and preprocessing, so a fault there (as pcedge 0.1's border
+averaging was) is invisible to it; ``bench_vs_peer.py`` compares pcedge with an independent implementation
+(anomalib) for that.
 
 Everything pcedge does for speed is absent here: no coreset (the memory bank ``M`` holds every training
 patch), no approximate index (``torch.cdist`` to every memory feature, in float64 so that the expanded

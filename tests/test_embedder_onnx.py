@@ -81,11 +81,22 @@ def test_projected_embedder_pools_the_channels(lite0):
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def _neighbourhood_mean(feature: np.ndarray, y: int, x: int) -> np.ndarray:
-    """Eq. 1-2 with p = 3 by hand: mean of ``feature[:, y', x']`` over the real 3x3 neighbours."""
+def _neighbourhood_mean(feature: np.ndarray, y: int, x: int, border: str = "zero") -> np.ndarray:
+    """Eq. 1-2 with p = 3 by hand at ``(y, x)`` of ``feature [C, h, w]``, the border filled as ``border`` says.
+
+    zero: the sum of the real neighbours over 9 (padding zeros counted, as patchcore-inspection's unfold and
+    anomalib's AvgPool2d(3, 1, 1) do); mean: the mean of the real neighbours; reflect: the map mirrored at
+    its edge (index -1 -> 1, h -> h - 2).
+    """
     _, height, width = feature.shape
+    if border == "reflect":
+        def mirror(i, n):
+            return -i if i < 0 else (2 * (n - 1) - i if i >= n else i)
+        return np.mean([feature[:, mirror(yy, height), mirror(xx, width)]
+                        for yy in range(y - 1, y + 2) for xx in range(x - 1, x + 2)], axis=0)
     ys, xs = range(max(y - 1, 0), min(y + 2, height)), range(max(x - 1, 0), min(x + 2, width))
-    return np.mean([feature[:, yy, xx] for yy in ys for xx in xs], axis=0)
+    real = [feature[:, yy, xx] for yy in ys for xx in xs]
+    return np.sum(real, axis=0) / 9.0 if border == "zero" else np.mean(real, axis=0)
 
 
 def _bilinear_2x(aggregated, y: int, x: int, size: int) -> np.ndarray:
@@ -100,18 +111,31 @@ def _bilinear_2x(aggregated, y: int, x: int, size: int) -> np.ndarray:
             + wy * (1 - wx) * aggregated(y1, x0) + wy * wx * aggregated(y1, x1))
 
 
-def test_patch_embedding_equals_hand_computation(lite0):
+@pytest.mark.parametrize("border", ["zero", "mean", "reflect"])
+def test_patch_embedding_equals_hand_computation(lite0, border):
+    embedder = lite0 if border == "zero" else PatchEmbedder(lite0.backbone, border=border)
     images = torch.from_numpy(fixture_batch(224, 224, n_per_set=1)[:1])
     with torch.no_grad():
-        level2, level3 = (t[0].double().numpy() for t in lite0.backbone(images))
-        embeddings = lite0(images)[0].double().numpy()
+        level2, level3 = (t[0].double().numpy() for t in embedder.backbone(images))
+        embeddings = embedder(images)[0].double().numpy()
     for y, x in [(0, 0), (5, 17), (27, 27), (13, 0), (27, 4)]:
         expected = np.concatenate([
-            _neighbourhood_mean(level2, y, x),
-            _bilinear_2x(lambda yy, xx: _neighbourhood_mean(level3, yy, xx), y, x, size=14),
+            _neighbourhood_mean(level2, y, x, border),
+            _bilinear_2x(lambda yy, xx: _neighbourhood_mean(level3, yy, xx, border), y, x, size=14),
         ])
         got = embeddings[y * 28 + x]
-        assert np.allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()), (y, x)
+        assert np.allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()), (border, y, x)
+
+
+def test_default_border_counts_the_zero_padding(lite0):
+    """The default is the paper's code: a corner patch of a constant map is 4/9 of it, an interior one all."""
+    assert lite0.border == "zero"
+    ones = torch.ones(1, 2, 6, 6)
+    out = lite0.aggregate(ones)[0, 0]
+    assert out[0, 0].item() == pytest.approx(4 / 9) and out[0, 3].item() == pytest.approx(6 / 9)
+    assert out[3, 3].item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="border 'nearest': expected one of zero, mean, reflect"):
+        PatchEmbedder(lite0.backbone, border="nearest")
 
 
 def test_sides_must_be_multiples_of_16(lite0):
@@ -155,6 +179,17 @@ def test_dynamic_batch_runs_in_onnxruntime(lite0, lite0_onnx):
     triple = session.run(["embeddings"], {"images": images[:3]})[0]
     assert single.shape == (1, 784, 152) and triple.shape == (3, 784, 152)
     assert np.allclose(triple[0], single[0], rtol=1e-4, atol=1e-5)  # batching does not change a result
+
+
+@pytest.mark.parametrize("border", ["mean", "reflect"])
+def test_other_borders_export_with_parity(lite0, border, tmp_path):
+    embedder = PatchEmbedder(lite0.backbone, border=border)
+    path = tmp_path / f"lite0-{border}.onnx"
+    export_onnx(embedder, path, 224, 224)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert not ops & {"Shape", "Gather", "ConstantOfShape"}, ops
+    report = check_parity(embedder, path, fixture_batch(224, 224, n_per_set=1))
+    assert report.max_rel_error <= REL_TOL and report.min_cosine >= MIN_COSINE, report
 
 
 def test_resnet18_parity(resnet18_onnx):

