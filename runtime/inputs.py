@@ -19,10 +19,7 @@ def expand_inputs(items: list[str]) -> list[Path]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            # Image-named symlinks that lead nowhere (loops, missing targets) are kept: reading them reports
-            # them like any other unreadable image, rather than their vanishing silently.
-            found = sorted(p for p in path.rglob("*")
-                           if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()))
+            found = _images_below(path)
             if not found:
                 raise FileNotFoundError(f"{path}: folder contains no images")
             out.extend(found)
@@ -70,3 +67,20 @@ def unique_names(paths: list[Path]) -> list[str]:
         names[i] = candidate
         taken.add(candidate)
     return names
+
+
+def _images_below(folder: Path) -> list[Path]:
+    """Image files below ``folder`` (recursively), sorted, plus every sub-folder that cannot be listed.
+
+    Nothing vanishes silently: image-named symlinks that lead nowhere (loops, missing targets) and folders
+    that cannot be listed (permission denied) are kept, so that reading them reports them by name like any
+    other unreadable image (:func:`~pcedge.runtime.preprocess.read_image` says why).
+    """
+    found: list[Path] = []
+    unlisted: list[Path] = []
+    for root, dirs, files in os.walk(folder, onerror=lambda exc: unlisted.append(Path(exc.filename))):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            candidate = Path(root) / name
+            if candidate.suffix.lower() in IMAGE_SUFFIXES and (candidate.is_file() or candidate.is_symlink()):
+                found.append(candidate)
+    return sorted(found) + sorted(unlisted)

@@ -91,6 +91,12 @@ def _why_not_a_file(path: str) -> str:
         if exc.errno == errno.ENOENT:
             return "no such file"
         return f"cannot be read ({exc.strerror or exc})"
+    if os.path.isdir(path):
+        try:
+            os.listdir(path)
+        except OSError as exc:
+            return f"folder cannot be listed ({exc.strerror or exc}); its images were not read"
+        return "a folder, not an image file"
     return "not a regular file"
 
 

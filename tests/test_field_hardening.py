@@ -416,6 +416,26 @@ def test_unreadable_files_are_reported_like_bad_images(fixture_bundle, tmp_path)
     assert "skipped 1 unreadable file(s)" in done.stdout and f"{first}: cannot be read" in done.stdout
 
 
+def test_unreadable_sub_folders_are_reported_not_skipped(fixture_bundle, tmp_path):
+    folder = tmp_path / "in"
+    locked = folder / "line2"
+    locked.mkdir(parents=True)
+    shutil.copy(GOOD[0], locked / "hidden.jpg")
+    shutil.copy(GOOD[1], folder / "open.jpg")
+    locked.chmod(0)
+    try:
+        jsonl = tmp_path / "p.jsonl"
+        done = cli("predict", str(fixture_bundle), str(folder), "--jsonl", str(jsonl), "--backend", "ort-cpu",
+                   unprivileged=True)
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"{locked}: folder cannot be listed (Permission denied); its images were not read" in done.stderr
+    assert "summary: 1 scored" in done.stdout and "1 failed" in done.stdout
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["path"] for r in records] == [str(folder / "open.jpg"), str(locked)] and "error" in records[1]
+
+
 # ============================================================================ 14. flags checked up front
 BAD_FLAGS = [
     (["export", "--data", "D", "-o", "O", "--M", "0"], "--M"),
