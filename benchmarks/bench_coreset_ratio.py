@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    paired_auroc_delta,
     BSDATA,
     DEEPPCB,
     RESULTS,
@@ -215,7 +216,7 @@ def run_dataset(spec: DatasetSpec, ratios: tuple[float, ...], args) -> DatasetRe
     reference = np.array([rec.score for rec in accumulators[ratios[-1]].records])
     for r in ratios:
         metrics = accumulators[r].metrics()
-        delta, ci = paired_bootstrap_delta(labels, np.array([rec.score for rec in accumulators[r].records]), reference)
+        delta, ci = paired_auroc_delta(labels, np.array([rec.score for rec in accumulators[r].records]), reference)
         result.pixel_resolution = metrics.pixel_resolution
         hnsw = Detector(bundles[r], backends[r if not same_model else ratios[0]],
                         DetectorOptions(backend="ort-cpu", index="hnsw", threads=args.threads, verify_checksums=False))
@@ -239,22 +240,6 @@ def run_dataset(spec: DatasetSpec, ratios: tuple[float, ...], args) -> DatasetRe
         backend.close()
     result.seconds = time.perf_counter() - started
     return result
-
-
-def paired_bootstrap_delta(labels: np.ndarray, scores: np.ndarray, reference: np.ndarray, resamples: int = 2000,
-                           seed: int = 0) -> tuple[float, list[float]]:
-    """``auroc(scores) - auroc(reference)`` on the same images, and its 95% interval over stratified resamples."""
-    from pcedge.runtime.evaluation.metrics import auroc
-
-    delta = auroc(labels, scores) - auroc(labels, reference)
-    rng = np.random.default_rng(seed)
-    good, bad = np.flatnonzero(~labels), np.flatnonzero(labels)
-    deltas = np.empty(resamples)
-    for i in range(resamples):
-        pick = np.concatenate([rng.choice(good, good.size), rng.choice(bad, bad.size)])
-        deltas[i] = auroc(labels[pick], scores[pick]) - auroc(labels[pick], reference[pick])
-    low, high = np.percentile(deltas, [2.5, 97.5])
-    return float(delta), [float(low), float(high)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -132,19 +132,13 @@ def check_outputs(command: str, files: dict[str, object] | None = None, folders:
     PATH: why`` and return False for the first that cannot be written."""
     from pcedge.runtime.files import OutputError, check_output, check_output_dir
 
-    for flag, path in (files or {}).items():
+    checks = [(flag, path, check_output) for flag, path in (files or {}).items()]
+    checks += [(flag, path, check_output_dir) for flag, path in (folders or {}).items()]
+    for flag, path, check in checks:
         if path is None:
             continue
         try:
-            check_output(path)
-        except OutputError as exc:
-            print(f"pcedge {command}: {flag} {exc}", file=sys.stderr)
-            return False
-    for flag, path in (folders or {}).items():
-        if path is None:
-            continue
-        try:
-            check_output_dir(path)
+            check(path)
         except OutputError as exc:
             print(f"pcedge {command}: {flag} {exc}", file=sys.stderr)
             return False
