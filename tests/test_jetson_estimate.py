@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pcedge.cli import main as pcedge_main
 from pcedge.runtime.evaluation.flops import count_graph
 from pcedge.runtime.evaluation.jetson_estimate import (
-    GPU_REFERENCE, LAUNCH_OVERHEAD_S, STATEMENT, graph_work, roofline,
+    GPU_REFERENCE, LAUNCH_OVERHEAD_S, STATEMENT, cpu_clock_hz, graph_work, roofline,
 )
 from pcedge.runtime.evaluation.targets import TARGETS, UnknownTarget, parse_targets
 
@@ -190,6 +190,15 @@ def test_bench_target_prints_and_writes_the_estimate(fixture_bundle, tmp_path, c
         else:
             assert stages["index"]["fp16_ms"] == pytest.approx(run["index"]["ms"]["p50"] * scale)
         assert e["fp16_total_ms"] == pytest.approx(sum(s["fp16_ms"] for s in e["stages"]))
+        # the optimistic alternative: the same CPU stages scaled by the clock ratio alone
+        here_clock = cpu_clock_hz()
+        if here_clock:
+            cs = here_clock / device.cpu_clock.value
+            assert e["clock_scale"] == pytest.approx(cs)
+            index_ms = stages["index"]["fp16_ms"] if e["index_kind"] == "exact" else run["index"]["ms"]["p50"] * cs
+            expected = (max(pre["ms"]["p50"] * cs, pre["floor"]["bytes"] / bw * 1e3) + stages["backbone"]["fp16_ms"]
+                        + index_ms + run["scoring"]["ms"]["p50"] * cs)
+            assert e["fp16_total_ms_clock"] == pytest.approx(expected)
         assert e["int8_fps"] == pytest.approx(1e3 / e["int8_total_ms"])
         assert stages["backbone"]["int8_ms"] < stages["backbone"]["fp16_ms"]
 

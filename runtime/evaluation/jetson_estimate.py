@@ -22,7 +22,10 @@ Per stage (batch 1, one image, stages run one after another as the detector runs
   peak here (measured sgemm, one thread) to one target core's NEON peak. Assumption: these stages are
   vectorised code that scales with one core's vector throughput, with the same thread split on both
   machines (OpenCV may split a large resize over threads: a Jetson's 6 or 12 cores then make this
-  pessimistic); preprocessing is also bounded below by its bytes over the target's bandwidth.
+  pessimistic); preprocessing is also bounded below by its bytes over the target's bandwidth. On a host
+  with wider vectors than NEON (AVX-512: 4x the FLOPs per cycle) this overstates the slowdown of code that
+  is not a matrix product, so the total is also given with these stages scaled by the clock ratio alone
+  (equal work per cycle, optimistic): the truth should lie between the two.
 
 Efficiency factors (:class:`Assumption`, printed with every estimate):
 
@@ -192,6 +195,11 @@ class TargetEstimate:
     fp16_fps: float
     int8_fps: float
     cpu_scale: float  # one core here / one target core (float32 peak): how CPU stage times were scaled
+    # The optimistic alternative: CPU stages scaled by clock alone (equal work per cycle); None when this
+    # machine's clock is unknown. The exact index is a matrix product and keeps its peak-based estimate.
+    clock_scale: float | None = None
+    fp16_total_ms_clock: float | None = None
+    int8_total_ms_clock: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -211,6 +219,18 @@ class JetsonEstimate:
 
 class EstimateUnavailable(ValueError):
     """The bench report lacks what the estimate needs (a batch-1 run, the measured peak); says which."""
+
+
+def cpu_clock_hz() -> float | None:
+    """This machine's CPU clock as /proc/cpuinfo reports it (first ``cpu MHz``), None where unknown."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("cpu mhz"):
+                    return float(line.split(":", 1)[1]) * 1e6
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _batch1_runs(report) -> list:
@@ -299,6 +319,7 @@ def estimate(report, bundle, devices: tuple[TargetDevice, ...]) -> JetsonEstimat
     int8_work, int8_graph = _int8_work(bundle, fp32_work)
     e_gpu = GPU_REFERENCE.efficiency()
     here_core = report.peak.sgemm_at(1)
+    here_clock = cpu_clock_hz()
     backbone_here = next(s for s in runs[0].stages if s.name == "backbone").floor.fraction_of_peak_flops
     assumptions = [
         Assumption("e_gpu", e_gpu, "of dense tensor peak",
@@ -315,15 +336,21 @@ def estimate(report, bundle, devices: tuple[TargetDevice, ...]) -> JetsonEstimat
                    "3.8 us per back-to-back short kernel on an x86 host (a Jetson host is slower: optimistic)"),
         Assumption("CPU core here", here_core, "FLOP/s",
                    "measured: float32 sgemm on one thread (pcedge bench's peak); CPU stage times are scaled by this "
-                   "over one target core's NEON peak (clock x 16 FLOP/cycle)"),
+                   "over one target core's NEON peak (clock x 16 FLOP/cycle). Pessimistic for OpenCV code on a host "
+                   "with wider vectors (AVX-512 does 4x NEON's FLOPs per cycle, a resize does not gain 4x from it)"),
+        Assumption("CPU clock here", here_clock or 0.0, "Hz",
+                   "/proc/cpuinfo 'cpu MHz' (a VM reports its nominal clock); the optimistic alternative scales the "
+                   "CPU stages by clock alone (equal work per cycle), shown as 'total if CPU scales with clock'"),
     ]
     estimates = []
     for device in devices:
         cpu_scale = here_core / device.cpu_core_flops
+        clock_scale = here_clock / device.cpu_clock.value if here_clock else None
         for run in runs:
             stages = _stages(run, report, device, fp32_work, int8_work, e_gpu, cpu_scale)
             fp16_total = sum(s.fp16_ms for s in stages)
             int8_total = sum(s.int8_ms for s in stages)
+            by_clock = _stages(run, report, device, fp32_work, int8_work, e_gpu, clock_scale) if clock_scale else None
             notes = []
             if run.index_kind == "exact":
                 index = next(s for s in stages if s.name == "index")
@@ -334,7 +361,9 @@ def estimate(report, bundle, devices: tuple[TargetDevice, ...]) -> JetsonEstimat
                 target=device.key, device=device.name, mode=device.mode, backend_here=run.backend,
                 index_kind=run.index_kind, stages=stages, measured_total_ms=sum(s.measured_ms for s in stages),
                 fp16_total_ms=fp16_total, int8_total_ms=int8_total, fp16_fps=1e3 / fp16_total, int8_fps=1e3 / int8_total,
-                cpu_scale=cpu_scale, notes=notes))
+                cpu_scale=cpu_scale, clock_scale=clock_scale,
+                fp16_total_ms_clock=sum(s.fp16_ms for s in by_clock) if by_clock else None,
+                int8_total_ms_clock=sum(s.int8_ms for s in by_clock) if by_clock else None, notes=notes))
     return JetsonEstimate(
         statement=STATEMENT, confirm_with=CONFIRM_WITH, backbone=fp32_work, int8_graph=int8_graph,
         assumptions=assumptions, estimates=estimates, figures={d.key: d.figures() for d in devices},
@@ -361,8 +390,11 @@ def markdown(result: JetsonEstimate) -> list[str]:
         for s in e.stages:
             lines.append(f"| {s.name} | {s.measured_ms:.2f} | {s.fp16_ms:.2f} | {s.int8_ms:.2f} | {s.bound} |")
         lines += [f"| **total** | **{e.measured_total_ms:.2f}** | **{e.fp16_total_ms:.2f}** | **{e.int8_total_ms:.2f}** | |",
-                  f"| images/s (stages in series) | {1e3 / e.measured_total_ms:.1f} | {e.fp16_fps:.1f} | {e.int8_fps:.1f} | |",
-                  ""]
+                  f"| images/s (stages in series) | {1e3 / e.measured_total_ms:.1f} | {e.fp16_fps:.1f} | {e.int8_fps:.1f} | |"]
+        if e.clock_scale:
+            lines.append(f"| total if CPU scales with clock (x{e.clock_scale:.2f}, optimistic) | | {e.fp16_total_ms_clock:.2f} | "
+                         f"{e.int8_total_ms_clock:.2f} | |")
+        lines.append("")
         lines += [f"- {s.name}: {s.how}" for s in e.stages] + [f"- {n}" for n in e.notes] + [""]
     lines += ["Efficiency factors and assumptions:", ""]
     for a in result.assumptions:
