@@ -258,7 +258,7 @@ def _backbone(work: GraphWork, device: TargetDevice, precision: str, e_gpu: floa
 
 
 def _stages(run, report, device: TargetDevice, fp16_work: GraphWork, int8_work: GraphWork, e_gpu: float,
-            cpu_scale: float) -> list[StageEstimate]:
+            cpu_scale: float, scale_label: str = "one core's float32 peak here / there") -> list[StageEstimate]:
     measured = {s.name: s for s in run.stages}
     bandwidth = device.memory_bandwidth.value
     out = []
@@ -269,7 +269,7 @@ def _stages(run, report, device: TargetDevice, fp16_work: GraphWork, int8_work: 
     pre_ms = max(scaled, floor_ms)
     out.append(StageEstimate("preprocess", pre.ms.p50, pre_ms, pre_ms,
                              "CPU, 1 core" if scaled >= floor_ms else "memory",
-                             f"{pre.ms.p50:.2f} ms here x {cpu_scale:.2f} (one core's float32 peak here / there); "
+                             f"{pre.ms.p50:.2f} ms here x {cpu_scale:.2f} ({scale_label}); "
                              f"bytes floor {floor_ms:.3f} ms"))
 
     fp16, int8 = _backbone(fp16_work, device, "fp16", e_gpu), _backbone(int8_work, device, "int8", e_gpu)
@@ -350,7 +350,8 @@ def estimate(report, bundle, devices: tuple[TargetDevice, ...]) -> JetsonEstimat
             stages = _stages(run, report, device, fp32_work, int8_work, e_gpu, cpu_scale)
             fp16_total = sum(s.fp16_ms for s in stages)
             int8_total = sum(s.int8_ms for s in stages)
-            by_clock = _stages(run, report, device, fp32_work, int8_work, e_gpu, clock_scale) if clock_scale else None
+            by_clock = (_stages(run, report, device, fp32_work, int8_work, e_gpu, clock_scale, "clock here / there")
+                        if clock_scale else None)
             notes = []
             if run.index_kind == "exact":
                 index = next(s for s in stages if s.name == "index")
@@ -433,6 +434,6 @@ def _figures_table(figures: dict[str, dict[str, Figure]]) -> list[str]:
     return lines
 
 
-__all__ = ["Assumption", "CONFIRM_WITH", "EstimateUnavailable", "GPU_REFERENCE", "GpuReference", "GraphWork", "JetsonEstimate",
+__all__ = ["Assumption", "CONFIRM_WITH", "cpu_clock_hz", "EstimateUnavailable", "GPU_REFERENCE", "GpuReference", "GraphWork", "JetsonEstimate",
            "LAUNCH_OVERHEAD_S", "Roofline", "STATEMENT", "StageEstimate", "TargetEstimate", "estimate", "graph_work",
            "markdown", "roofline"]
