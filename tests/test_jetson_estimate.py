@@ -170,12 +170,13 @@ def test_bench_target_prints_and_writes_the_estimate(fixture_bundle, tmp_path, c
         stages = {s["name"]: s for s in e["stages"]}
         assert [s["name"] for s in e["stages"]] == ["preprocess", "backbone", "index", "scoring"]
         for name, s in stages.items():
-            assert s["measured_ms"] == run[name]["ms"]["p50"]
-        # preprocess and scoring: time here x (one core here / one core there), preprocess floored by its bytes
+            assert s["measured_ms"] == run[name]["ms"]["p50"] and s["measured_min_ms"] == run[name]["ms"]["min"]
+        # preprocess and scoring: the fastest call here x (one core here / one core there), preprocess floored
+        # by its bytes
         pre = run["preprocess"]
         assert stages["preprocess"]["fp16_ms"] == pytest.approx(
-            max(pre["ms"]["p50"] * scale, pre["floor"]["bytes"] / bw * 1e3))
-        assert stages["scoring"]["int8_ms"] == pytest.approx(run["scoring"]["ms"]["p50"] * scale)
+            max(pre["ms"]["min"] * scale, pre["floor"]["bytes"] / bw * 1e3))
+        assert stages["scoring"]["int8_ms"] == pytest.approx(run["scoring"]["ms"]["min"] * scale)
         # backbone: the roofline at FP16 (2 bytes per element) and INT8 (1 byte), plus launches
         for precision, rate, size in (("fp16", device.gpu_fp16_dense.value, 2), ("int8", device.gpu_int8_dense.value, 1)):
             expected = max(work["flops"] / (rate * e_gpu), work["bytes_fused"] * size / 4 / bw) \
@@ -183,28 +184,28 @@ def test_bench_target_prints_and_writes_the_estimate(fixture_bundle, tmp_path, c
             assert stages["backbone"][f"{precision}_ms"] == pytest.approx(expected * 1e3)
         # index: exact on one core at the fraction of peak reached here; hnsw scaled like the other CPU stages
         if e["index_kind"] == "exact":
-            e_index = min(run["index"]["floor"]["fraction_of_peak_flops"], 1.0)  # above 1: the peak was disturbed
+            e_index = min(2 * P * N * D / (run["index"]["ms"]["min"] / 1e3) / here_core, 1.0)  # > 1: disturbed peak
             expected = max(2 * P * N * D / (device.cpu_clock.value * 16 * e_index), 4 * (N * D + P * D) / bw)
             assert stages["index"]["fp16_ms"] == pytest.approx(expected * 1e3)
             assert any(f"all {int(device.cpu_cores.value)} cores" in n for n in e["notes"])
         else:
-            assert stages["index"]["fp16_ms"] == pytest.approx(run["index"]["ms"]["p50"] * scale)
+            assert stages["index"]["fp16_ms"] == pytest.approx(run["index"]["ms"]["min"] * scale)
         assert e["fp16_total_ms"] == pytest.approx(sum(s["fp16_ms"] for s in e["stages"]))
         # the optimistic alternative: the same CPU stages scaled by the clock ratio alone
         here_clock = cpu_clock_hz()
         if here_clock:
             cs = here_clock / device.cpu_clock.value
             assert e["clock_scale"] == pytest.approx(cs)
-            index_ms = stages["index"]["fp16_ms"] if e["index_kind"] == "exact" else run["index"]["ms"]["p50"] * cs
-            expected = (max(pre["ms"]["p50"] * cs, pre["floor"]["bytes"] / bw * 1e3) + stages["backbone"]["fp16_ms"]
-                        + index_ms + run["scoring"]["ms"]["p50"] * cs)
+            index_ms = stages["index"]["fp16_ms"] if e["index_kind"] == "exact" else run["index"]["ms"]["min"] * cs
+            expected = (max(pre["ms"]["min"] * cs, pre["floor"]["bytes"] / bw * 1e3) + stages["backbone"]["fp16_ms"]
+                        + index_ms + run["scoring"]["ms"]["min"] * cs)
             assert e["fp16_total_ms_clock"] == pytest.approx(expected)
         assert e["int8_fps"] == pytest.approx(1e3 / e["int8_total_ms"])
         assert stages["backbone"]["int8_ms"] < stages["backbone"]["fp16_ms"]
 
     markdown = out_md.read_text()
     assert "## Jetson estimate (on paper, not measured)" in markdown and STATEMENT in markdown
-    assert "| stage | measured here (ort-cpu, p50 ms) | estimate FP16 (ms) | estimate INT8 (ms) | bound |" in markdown
+    assert "| stage | measured here (ort-cpu): p50 (fastest) ms | estimate FP16 (ms) | estimate INT8 (ms) | bound |" in markdown
     assert "| figure | `orin-nano` | `agx-orin` |" in markdown and "**e_gpu**" in markdown
 
 

@@ -18,7 +18,8 @@ Per stage (batch 1, one image, stages run one after another as the detector runs
   BLAS on one thread, ``DetectorOptions.blas_threads``) at the fraction of its peak that the same product
   reached here, or the bank's bytes over the bandwidth if that is longer; HNSW: the time measured here
   scaled like preprocessing (its work is not countable: hnswlib does not report distance computations).
-- **preprocess, scoring** (CPU, OpenCV/numpy): the time measured here x the ratio of one core's float32
+- **preprocess, scoring** (CPU, OpenCV/numpy): the time measured here (the fastest timed call: the least
+  disturbed by other work, like the peak, which is the best of its repeats) x the ratio of one core's float32
   peak here (measured sgemm, one thread) to one target core's NEON peak. Assumption: these stages are
   vectorised code that scales with one core's vector throughput, with the same thread split on both
   machines (OpenCV may split a large resize over threads: a Jetson's 6 or 12 cores then make this
@@ -38,8 +39,8 @@ Efficiency factors (:class:`Assumption`, printed with every estimate):
 - bandwidth efficiency 1.0: no sustained-bandwidth figure is published for these modules and none is
   invented; the byte counts are already an upper bound (no cache reuse).
 - ``t_launch``: :data:`LAUNCH_OVERHEAD_S` per kernel.
-- ``e_index``: measured here (the exact index's achieved FLOP/s over this machine's one-thread sgemm peak,
-  at most 1), assumed to carry over to the target's BLAS on one A78AE core.
+- ``e_index``: measured here (the exact index's FLOP/s in its fastest call over this machine's one-thread
+  sgemm peak, at most 1), assumed to carry over to the target's BLAS on one A78AE core.
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ class Assumption:
 class StageEstimate:
     name: str
     measured_ms: float  # here, median at batch 1
+    measured_min_ms: float  # here, the fastest call: what the CPU stages' estimates scale
     fp16_ms: float  # the target with an FP16 engine
     int8_ms: float  # the target with an INT8 engine
     bound: str  # what limits the estimate: compute | memory | CPU core (scaled) ...
@@ -259,49 +261,51 @@ def _backbone(work: GraphWork, device: TargetDevice, precision: str, e_gpu: floa
 
 def _stages(run, report, device: TargetDevice, fp16_work: GraphWork, int8_work: GraphWork, e_gpu: float,
             cpu_scale: float, scale_label: str = "one core's float32 peak here / there") -> list[StageEstimate]:
+    """Per-stage estimates. CPU stages scale the *fastest* timed call here (the least disturbed by other work,
+    as the peak is the best of its repeats), so that load on this machine does not inflate the estimate."""
     measured = {s.name: s for s in run.stages}
     bandwidth = device.memory_bandwidth.value
     out = []
 
+    def stage(name: str, fp16_ms: float, int8_ms: float, bound: str, how: str) -> StageEstimate:
+        ms = measured[name].ms
+        return StageEstimate(name, ms.p50, ms.min, fp16_ms, int8_ms, bound, how)
+
     pre = measured["preprocess"]
-    scaled = pre.ms.p50 * cpu_scale
+    scaled = pre.ms.min * cpu_scale
     floor_ms = (pre.floor.bytes or 0.0) / bandwidth * 1e3
     pre_ms = max(scaled, floor_ms)
-    out.append(StageEstimate("preprocess", pre.ms.p50, pre_ms, pre_ms,
-                             "CPU, 1 core" if scaled >= floor_ms else "memory",
-                             f"{pre.ms.p50:.2f} ms here x {cpu_scale:.2f} ({scale_label}); "
-                             f"bytes floor {floor_ms:.3f} ms"))
+    out.append(stage("preprocess", pre_ms, pre_ms, "CPU, 1 core" if scaled >= floor_ms else "memory",
+                     f"{pre.ms.min:.2f} ms here x {cpu_scale:.2f} ({scale_label}); bytes floor {floor_ms:.3f} ms"))
 
     fp16, int8 = _backbone(fp16_work, device, "fp16", e_gpu), _backbone(int8_work, device, "int8", e_gpu)
-    out.append(StageEstimate(
-        "backbone", measured["backbone"].ms.p50, fp16.total_s * 1e3, int8.total_s * 1e3,
-        f"{fp16.bound} / {int8.bound}",
+    out.append(stage(
+        "backbone", fp16.total_s * 1e3, int8.total_s * 1e3, f"{fp16.bound} / {int8.bound}",
         f"FP16: max({fp16.compute_s * 1e3:.3f} compute, {fp16.memory_s * 1e3:.3f} memory) + {fp16.overhead_s * 1e3:.3f} "
         f"launches; INT8: max({int8.compute_s * 1e3:.3f}, {int8.memory_s * 1e3:.3f}) + {int8.overhead_s * 1e3:.3f} ms"))
 
     index = measured["index"]
     if run.index_kind == "exact":
         P, N, D = report.patches, report.bank_rows, report.dim
-        measured_fraction = index.floor.fraction_of_peak_flops
-        if not measured_fraction:
-            raise EstimateUnavailable("the exact index's fraction of peak was not measured: run without --no-peak")
-        # Above 1 only when the peak itself was measured under load (the product cannot beat it): cap it.
+        flops = 2.0 * P * N * D
+        # The fraction of one core's sgemm peak the product reached here; above 1 only when the peak itself
+        # was measured under load (the product cannot beat it): capped.
+        measured_fraction = flops / (index.ms.min / 1e3) / report.peak.sgemm_at(1)
         e_index = min(measured_fraction, 1.0)
-        r = roofline(2.0 * P * N * D, 4.0 * (N * D + P * D), device.cpu_core_flops, bandwidth, e_index)
+        r = roofline(flops, 4.0 * (N * D + P * D), device.cpu_core_flops, bandwidth, e_index)
         ms = r.total_s * 1e3
-        out.append(StageEstimate("index", index.ms.p50, ms, ms, "CPU, 1 BLAS thread" if r.bound == "compute" else "memory",
-                                 f"2 x {P} x {N} x {D} FLOPs / ({device.cpu_core_flops / 1e9:.1f} GFLOP/s x "
-                                 f"{e_index:.2f}, the fraction of one core's peak measured here"
-                                 + (f", capped from {measured_fraction:.2f}" if measured_fraction > 1 else "") + ")"))
+        out.append(stage("index", ms, ms, "CPU, 1 BLAS thread" if r.bound == "compute" else "memory",
+                         f"2 x {P} x {N} x {D} FLOPs / ({device.cpu_core_flops / 1e9:.1f} GFLOP/s x {e_index:.2f}, "
+                         f"the fraction of one core's peak reached here"
+                         + (f", capped from {measured_fraction:.2f}" if measured_fraction > 1 else "") + ")"))
     else:
-        ms = index.ms.p50 * cpu_scale
-        out.append(StageEstimate("index", index.ms.p50, ms, ms, "CPU, 1 core",
-                                 f"{index.ms.p50:.2f} ms here x {cpu_scale:.2f} (hnswlib: work not countable)"))
+        ms = index.ms.min * cpu_scale
+        out.append(stage("index", ms, ms, "CPU, 1 core",
+                         f"{index.ms.min:.2f} ms here x {cpu_scale:.2f} (hnswlib: work not countable)"))
 
     scoring = measured["scoring"]
-    ms = scoring.ms.p50 * cpu_scale
-    out.append(StageEstimate("scoring", scoring.ms.p50, ms, ms, "CPU, 1 core",
-                             f"{scoring.ms.p50:.2f} ms here x {cpu_scale:.2f}"))
+    ms = scoring.ms.min * cpu_scale
+    out.append(stage("scoring", ms, ms, "CPU, 1 core", f"{scoring.ms.min:.2f} ms here x {cpu_scale:.2f}"))
     return out
 
 
@@ -386,10 +390,12 @@ def markdown(result: JetsonEstimate) -> list[str]:
              f"FP16 at 2 and INT8 at 1 byte per element. INT8 counts: {result.int8_graph}.", ""]
     for e in result.estimates:
         lines += [f"### {e.device} (`{e.target}`), index {e.index_kind}", "", f"Power mode: {e.mode}.", "",
-                  f"| stage | measured here ({e.backend_here}, p50 ms) | estimate FP16 (ms) | estimate INT8 (ms) | bound |",
+                  f"| stage | measured here ({e.backend_here}): p50 (fastest) ms | estimate FP16 (ms) | estimate INT8 (ms) "
+                  "| bound |",
                   "|---|---:|---:|---:|---|"]
         for s in e.stages:
-            lines.append(f"| {s.name} | {s.measured_ms:.2f} | {s.fp16_ms:.2f} | {s.int8_ms:.2f} | {s.bound} |")
+            lines.append(f"| {s.name} | {s.measured_ms:.2f} ({s.measured_min_ms:.2f}) | {s.fp16_ms:.2f} | {s.int8_ms:.2f} "
+                         f"| {s.bound} |")
         lines += [f"| **total** | **{e.measured_total_ms:.2f}** | **{e.fp16_total_ms:.2f}** | **{e.int8_total_ms:.2f}** | |",
                   f"| images/s (stages in series) | {1e3 / e.measured_total_ms:.1f} | {e.fp16_fps:.1f} | {e.int8_fps:.1f} | |"]
         if e.clock_scale:
