@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +42,7 @@ def main() -> int:
     args = parser.parse_args()
 
     bundle = cached_bundle("bsdata_default", BSDATA, fresh=args.fresh).path
+    bundle = Path(os.path.relpath(bundle))  # the report names it as typed: results/bundles/... from the repository
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
