@@ -32,8 +32,9 @@ Efficiency factors (:class:`Assumption`, printed with every estimate):
 
 - ``e_gpu``: the fraction of the dense tensor peak a small batch-1 convnet reaches under TensorRT on a
   Jetson, from a published measurement (:data:`GPU_REFERENCE`: YOLOv8n INT8 on an Orin Nano Super). It is
-  an *effective* rate (the reference's time includes its memory stalls and launches), so using it for the
-  compute term is conservative for a graph our size; the same fraction is assumed for FP16 and on AGX Orin
+  an *effective* rate: the reference's time includes its memory stalls and launches, which the memory and
+  launch terms here count again (pessimistic), while our graph's depthwise convolutions suit tensor cores
+  less than YOLOv8n's dense ones (optimistic). The same fraction is assumed for FP16 and on AGX Orin
   (16 SMs are harder to fill at batch 1 than 8: optimistic there). For comparison the report also shows
   the fraction ONNX Runtime reached of this CPU's sgemm peak on the same graph (a CPU is far easier to fill).
 - bandwidth efficiency 1.0: no sustained-bandwidth figure is published for these modules and none is
