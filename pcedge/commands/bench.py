@@ -10,7 +10,9 @@ from pathlib import Path
 from pcedge.commands.common import EF, THREADS, check_outputs, int_at_least, q
 from pcedge.runtime.backends import BACKENDS
 from pcedge.runtime.bundle import BundleError
+from pcedge.runtime.evaluation.flops import FlopsError, FlopsUnavailable
 from pcedge.runtime.evaluation.latency import ALL_BACKENDS, ALL_INDEXES, BenchConfig, markdown, run_bench
+from pcedge.runtime.evaluation.targets import TARGETS, UnknownTarget, parse_targets
 from pcedge.runtime.files import write_json, write_text_atomic
 
 HELP = "latency per stage (p50/p95/p99) and throughput per backend, index and batch size, beside each stage's floor"
@@ -44,6 +46,13 @@ def parse_batches(text: str) -> tuple[int, ...]:
     return values
 
 
+def parse_target(text: str):
+    try:
+        return parse_targets(text)
+    except UnknownTarget as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
     parser.add_argument("--images", nargs="+", default=None, metavar="DIR|FILE",
@@ -61,11 +70,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ef", type=EF, default=None, help="HNSW query ef (default: the bundle's)")
     parser.add_argument("--precision", choices=("fp32", "fp16"), default=None, help="TensorRT engine precision")
     parser.add_argument("--no-peak", action="store_true", help="skip measuring this machine's peak FLOP/s and bandwidth")
+    parser.add_argument("--target", type=parse_target, action="append", default=None, metavar="DEVICE",
+                        help=f"also print an estimate ON PAPER of the per-stage latency on a Jetson ({', '.join(TARGETS)}; "
+                             "comma list or repeated), from published peak rates; confirm it on the device with "
+                             "benchmarks/gpu_acceptance.py")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the report as JSON")
     parser.add_argument("--md", type=Path, default=None, metavar="FILE", help="write the tables as Markdown")
 
 
 def run(args: argparse.Namespace) -> int:
+    devices = tuple(dict.fromkeys(d for group in args.target or () for d in group))
+    if devices and args.no_peak:
+        print("pcedge bench: --target scales CPU stage times by this machine's measured peak: drop --no-peak",
+              file=sys.stderr)
+        return 2
+    if devices and 1 not in args.batch:
+        print("pcedge bench: --target estimates batch 1: include 1 in --batch", file=sys.stderr)
+        return 2
     if not check_outputs("bench", files={"--json": args.json, "--md": args.md}):
         return 2
     config = BenchConfig(
@@ -82,6 +103,11 @@ def run(args: argparse.Namespace) -> int:
         print("pcedge bench: no backend could run: " + "; ".join(f"{s.backend}: {s.reason}" for s in report.skipped),
               file=sys.stderr)
         return 2
+    if devices:
+        failure = _attach_estimate(report, Path(args.bundle), devices)
+        if failure:
+            print(f"pcedge bench: --target: {failure}", file=sys.stderr)
+            return 2
     text = markdown(report)
     print()
     print(text)
@@ -95,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"pcedge bench: {flag} {path}: not written ({exc.strerror or exc})", file=sys.stderr)
             return 2
         print(f"wrote {path}")
+    if devices:
+        print("the Jetson figures above are an ESTIMATE ON PAPER; confirm them on the device: "
+              f"python benchmarks/gpu_acceptance.py {q(args.bundle)} --images DIR")
     bundle = q(args.bundle)
     if any(s.backend == "tensorrt" for s in report.skipped):
         print(f"next: on a device with TensorRT, pcedge build-engine {bundle} && pcedge bench {bundle} "
@@ -102,3 +131,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"next: pcedge watch {bundle} SOURCE")
     return 0
+
+
+def _attach_estimate(report, bundle_path: Path, devices) -> str:
+    """Put the Jetson estimate on ``report``; returns why it could not be made ("" when it was)."""
+    from pcedge.runtime.bundle import open_bundle
+    from pcedge.runtime.evaluation.jetson_estimate import EstimateUnavailable, estimate
+
+    try:
+        bundle = open_bundle(bundle_path, verify=False)  # run_bench has just verified every checksum
+        report.jetson_estimate = estimate(report, bundle, devices)
+    except FlopsUnavailable:
+        return "counting the backbone's work needs the onnx package: pip install onnx"
+    except (EstimateUnavailable, FlopsError, BundleError) as exc:
+        return str(exc)
+    return ""

@@ -151,6 +151,7 @@ class BenchReport:
     backbone_work_note: str
     runs: list[RunResult] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    jetson_estimate: object | None = None  # jetson_estimate.JetsonEstimate when `pcedge bench --target` asked for one
 
 
 @dataclass
@@ -479,6 +480,10 @@ def markdown(report: BenchReport) -> str:
                      f"{r.rescored_patches_mean:.1f} patches re-scored exactly per image")
     if report.skipped:
         lines += ["", "Skipped backends:", ""] + [f"- {s.backend}: {s.reason}" for s in report.skipped]
+    if report.jetson_estimate is not None:
+        from .jetson_estimate import markdown as estimate_markdown
+
+        lines += estimate_markdown(report.jetson_estimate)
     return "\n".join(lines) + "\n"
 
 
