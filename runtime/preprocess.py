@@ -208,7 +208,7 @@ def fit_geometry(image: np.ndarray, geometry: Geometry, source: str = "<array>")
     """
     planes = np.empty((3, geometry.height, geometry.width), dtype=np.float32)
     placement = fit_geometry_into(image, geometry, planes, source)
-    return planes.transpose(1, 2, 0), placement
+    return np.ascontiguousarray(planes.transpose(1, 2, 0)), placement  # contiguous, as OpenCV and torch expect
 
 
 def fit_geometry_into(image: np.ndarray, geometry: Geometry, out: np.ndarray, source: str = "<array>",

@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         jsonl=args.jsonl, save_dir=args.save_dir, save_every_s=args.save_every_s, video_out=args.video_out,
         show=args.show, max_frames=args.max_frames, duration_s=args.duration,
     )
+    # Threads: the runtime's defaults -- ONNX Runtime intra-op on every core (--threads unset), numpy's BLAS
+    # on one (DetectorOptions.blas_threads) -- are the fastest split measured for this pipeline on 2 cores
+    # (benchmarks/bench_watch_threads.py, results/watch_threads.json: 90.8 FPS; one ONNX Runtime thread
+    # 83.5; two BLAS threads 39-49 FPS at twice the CPU time per frame, the BLAS threads busy-waiting).
     detector = open_remote(args, "watch") if args.server else open_detector(args, "watch")
     if detector is None:
         return 2
