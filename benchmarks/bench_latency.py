@@ -113,6 +113,9 @@ class RowSummary:
     medians_by_round: list[float]
     bundle: str
     bundle_note: str
+    # Against the baseline row in the same round, median over rounds (ms; negative: faster). Robust to load
+    # that changes between rounds, which moves both rows of a round together. Empty for the baseline itself.
+    paired_delta_ms: dict[str, float] = field(default_factory=dict)  # per stage and "end to end"
 
 
 @dataclass
@@ -214,8 +217,24 @@ def summarise(rows: list[Row], rounds: list[dict]) -> list[RowSummary]:
             median_ms=best["per_image_ms"]["p50"], p95_ms=best["per_image_ms"]["p95"],
             meets_target=best["per_image_ms"]["p50"] <= TARGET_MS,
             stages_p50_ms={s: best["stages_ms"][s]["p50"] for s in STAGES}, headline_round=best_i + 1,
-            medians_by_round=medians))
+            medians_by_round=medians, paired_delta_ms=paired_deltas(row, rounds)))
     return summary
+
+
+def paired_deltas(row: Row, rounds: list[dict]) -> dict[str, float]:
+    """Per stage and end to end: median over rounds of (this row - baseline-fp32 in the same round)."""
+    import numpy as np
+
+    if row.code == "baseline":
+        return {}
+    pairs = [(r[row.name], r["baseline-fp32"]) for r in rounds
+             if r.get(row.name, {}).get("status") == "ran" and r.get("baseline-fp32", {}).get("status") == "ran"]
+    if not pairs:
+        return {}
+    deltas = {stage: float(np.median([a["stages_ms"][stage]["p50"] - b["stages_ms"][stage]["p50"] for a, b in pairs]))
+              for stage in STAGES}
+    deltas["end to end"] = float(np.median([a["per_image_ms"]["p50"] - b["per_image_ms"]["p50"] for a, b in pairs]))
+    return deltas
 
 
 def short(commit: str) -> str:
@@ -263,6 +282,14 @@ def markdown(report: LatencyReport) -> str:
                 ref = base.median_ms if stage == "end to end" else base.stages_p50_ms[stage]
                 cells.append(f"{value:.2f}" if s is base else f"{value:.2f} ({value - ref:+.2f})")
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    paired = [s for s in report.summary if s.paired_delta_ms]
+    if paired:
+        lines += ["", "Paired against the baseline in the same round (median over rounds of the difference, ms; "
+                      "the load moves both rows of a round together, so this is the steadier comparison):", "",
+                  "| row | " + " | ".join((*STAGES, "end to end")) + " |", "|---|" + "---:|" * (len(STAGES) + 1)]
+        for s in paired:
+            lines.append(f"| {s.row} | " + " | ".join(f"{s.paired_delta_ms[k]:+.2f}" for k in (*STAGES, "end to end"))
+                         + " |")
     lines += ["", "Medians by round (ms): " + "; ".join(
         f"{s.row} {', '.join(f'{v:.2f}' for v in s.medians_by_round)}" for s in report.summary if s.status == "ran"),
         "", f"Context: {report.context}.", ""]
