@@ -9,7 +9,8 @@ timed, per stage (``Result.timings``) and as the wall time of each ``Detector.ru
 
 Rows (``--rows``):
 - ``baseline-fp32``: the code at ``--baseline`` (default: where this branch left ``main``, ``git merge-base
-  HEAD main``), checked out into a temporary ``git worktree`` (removed afterwards);
+  HEAD main``; on ``main`` itself pass the commit to compare with), checked out into a temporary ``git
+  worktree`` (removed afterwards);
 - ``current-fp32``: this checkout;
 - ``current-int8``: this checkout with ``DetectorOptions(precision="int8")`` (the bundle's INT8 graph); a
   code or bundle without one is reported as skipped, with the reason.
@@ -304,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     ref = args.baseline or git("merge-base", "HEAD", "main")
     baseline_commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
     current_commit = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    if baseline_commit == current_commit.removesuffix("+dirty") and any(r.code == "baseline" for r in rows):
+        log(f"note: the baseline {ref} is the current commit (on main, pass --baseline with the commit to compare "
+            f"with, e.g. --baseline fe4377b); the rows still run, but compare the same code")
     rounds: list[dict] = []
     workdir = Path(tempfile.mkdtemp(prefix="bench_latency_"))
     baseline_tree = workdir / "baseline"
