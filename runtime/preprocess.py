@@ -2,8 +2,9 @@
 
 OpenCV and numpy only. Arrays follow OpenCV's convention (what ``cv2.imread`` and ``cv2.VideoCapture``
 give): gray ``[H, W]``, BGR ``[H, W, 3]`` or BGRA ``[H, W, 4]``; uint8, uint16, or float in [0, 1]. The frame is
-resized in its native dtype first and converted to float RGB afterwards, so the per-pixel work happens on
-the small image. The exporter uses these same functions, so training and inference see identical pixels. The inverse
+resized in its native dtype first and converted to float RGB afterwards, in one pass straight into the
+network input (:class:`InputBuffers` reuses that memory from frame to frame), so the per-pixel work happens
+on the small image. The exporter uses these same functions, so training and inference see identical pixels. The inverse
 (:meth:`Placement.to_original`) puts an anomaly map computed on the network input back into the original
 image's coordinates, marking pixels the network never saw as NaN.
 """
