@@ -1,29 +1,43 @@
-"""End-to-end latency per image on this machine: the issue's target of at most 15 ms (median, batch 1).
+"""End-to-end latency per image, today's code beside a baseline ref, FP32 and INT8: the target is at most
+6 ms median (batch 1, decode excluded) for the CPU default path.
 
-Setup: a bundle exported with DEFAULT settings from ``/work/shared/data/bsdata/ball_screw_drive`` (150
-training images; cached under ``results/bundles/``), ONNX Runtime CPU, 224 px, batch 1. The frames are
-the category's test images (good and pitting), decoded once before timing: decoding is excluded,
-everything else (preprocess, backbone, index search with exact re-scoring, Eq. 7, anomaly map in the
-original image) is included. Indexes: exact, hnsw and auto (what ``auto`` resolved to is reported).
+Setup: a bundle exported with DEFAULT settings from ``/work/shared/data/bsdata/ball_screw_drive`` (cached
+under ``results/bundles/``), ONNX Runtime CPU with the runtime's defaults, index ``auto``, batch 1. Frames:
+the category's test images (good and pitting, 1130x460), decoded once before timing; everything else
+(preprocess, backbone, index search with exact re-scoring, Eq. 7, anomaly map in the original image) is
+timed, per stage (``Result.timings``) and as the wall time of each ``Detector.run_frames`` call.
 
-Variants (``--variants``): the same detector under different process-level thread settings, to show
-what the 2-core CPU loses to thread contention: ``shipped`` (the runtime as it is: ONNX Runtime without
-intra-op spinning, numpy's BLAS on one thread while a detector is open), and the defaults those replaced,
-one at a time and together (``ort-spinning``, ``blas-unlimited``, ``previous-defaults``).
+Rows (``--rows``):
+- ``baseline-fp32``: the code at ``--baseline`` (default: where this branch left ``main``, ``git merge-base
+  HEAD main``; on ``main`` itself pass the commit to compare with), checked out into a temporary ``git
+  worktree`` (removed afterwards);
+- ``current-fp32``: this checkout;
+- ``current-int8``: this checkout with ``DetectorOptions(precision="int8")`` (the bundle's INT8 graph); a
+  code or bundle without one is reported as skipped, with the reason.
 
-Each round times every variant and index one after another (each with its own warm-up); ``--rounds 2``
-repeats the whole measurement, so a burst of other work on the machine does not decide the result, and
-the JSON keeps every round with the load average before and after. The headline per variant and index
-is the round with the lower median (the less disturbed one); all rounds are in the JSON.
+Every row runs in its own process (``latency_worker.py``), which imports pcedge from the row's tree and
+records the commit and the files it imported. Rows are interleaved round by round (the order rotates), so
+a burst of other work on this shared machine lands on all of them; the headline per row is the round with
+the lowest median (the least disturbed), and every round is in the JSON with the load average. If the
+baseline code cannot open the bundle (a newer manifest), it exports its own with its own exporter.
 
-    python benchmarks/bench_latency.py                      # -> results/latency.json
-    python benchmarks/bench_latency.py --rounds 3 --variants shipped
+    python benchmarks/bench_latency.py        # -> results/latency.json, results/latency.md (~2 min)
+    python benchmarks/bench_latency.py --rounds 5 --repeats 500
+    python benchmarks/bench_latency.py --rows current-fp32 --variants shipped ort-spinning blas-unlimited
+
+``--variants`` adds the process-level thread settings the runtime's defaults replaced (ONNX Runtime's
+intra-op spinning, numpy's BLAS on every core), as extra rows on the current code.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     BSDATA,
+    BUNDLES,
     OFFICIAL_MS_PER_IMAGE_CONTEXT,
     RESULTS,
+    ROOT,
     MachineInfo,
     cached_bundle,
     load_average,
@@ -42,209 +58,314 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from pcedge.runtime.evaluation.latency import (  # noqa: E402
-    BackboneWork,
-    BenchConfig,
-    BenchReport,
-    RunResult,
-    backbone_work,
-    frames_from_files,
-    run_one,
-)
+from pcedge.runtime.files import write_text_atomic  # noqa: E402
 
-TARGET_MS = 15.0
-INDEXES = ("exact", "hnsw", "auto")
-VARIANT_NAMES = ("shipped", "ort-spinning", "blas-unlimited", "previous-defaults")
+TARGET_MS = 6.0
+STAGES = ("preprocess", "backbone", "index", "scoring")
+ROWS = ("baseline-fp32", "current-fp32", "current-int8")
+WORKER = Path(__file__).resolve().parent / "latency_worker.py"
 
 
 @dataclass
 class Variant:
-    """Process-level thread settings the detector runs under (the bundle and the code are the same)."""
+    """Process-level thread settings a row runs under (the bundle and the code are the same)."""
 
     name: str
-    ort_allow_spinning: bool | None  # None: as the runtime's backend sets it
-    blas_threads: int | None  # DetectorOptions.blas_threads (None: numpy's default, every core)
+    ort_spinning: bool | None  # None: as the runtime's backend sets it
+    blas_threads: str  # "default" (DetectorOptions' own), "none" (numpy's: every core) or N
     description: str
 
 
-def make_variants() -> dict[str, Variant]:
-    """``shipped`` (the runtime as it is) and the defaults it replaced, one at a time and together."""
-    from pcedge.runtime.detector import DetectorOptions
-
-    shipped_blas = DetectorOptions().blas_threads
-    return {
-        "shipped": Variant("shipped", None, shipped_blas,
-                           f"the runtime as it is (ONNX Runtime without intra-op spinning, BLAS limited to "
-                           f"{shipped_blas} thread(s) while a detector is open)"),
-        "ort-spinning": Variant("ort-spinning", True, shipped_blas,
-                                "ONNX Runtime's intra-op threads busy-wait after each run (its own default)"),
-        "blas-unlimited": Variant("blas-unlimited", None, None,
-                                  "numpy's BLAS on its default thread count (every core) for the exact index"),
-        "previous-defaults": Variant("previous-defaults", True, None, "both: ONNX Runtime's and numpy's defaults"),
-    }
+VARIANTS = {
+    "shipped": Variant("shipped", None, "default", "the runtime's defaults"),
+    "ort-spinning": Variant("ort-spinning", True, "default",
+                            "ONNX Runtime's intra-op threads busy-wait after each run (its own default)"),
+    "blas-unlimited": Variant("blas-unlimited", None, "none",
+                              "numpy's BLAS on its default thread count (every core) for the exact index"),
+    "previous-defaults": Variant("previous-defaults", True, "none", "both: ONNX Runtime's and numpy's defaults"),
+}
 
 
 @dataclass
-class IndexSummary:
+class Row:
+    name: str  # e.g. current-fp32, or current-fp32/ort-spinning for a thread variant
+    code: str  # baseline | current
+    precision: str  # fp32 | int8
     variant: str
-    index: str  # as requested
-    index_kind: str  # what ran
-    median_ms: float  # end to end per image (decode excluded), from the headline round
-    p95_ms: float
-    p99_ms: float
-    meets_target: bool  # median <= TARGET_MS
-    stages_p50_ms: dict[str, float]
-    stages_p95_ms: dict[str, float]
-    headline_round: int
-    medians_by_round: list[float]
 
 
 @dataclass
-class Round:
-    number: int
-    loadavg_before: list[float]
-    loadavg_after: list[float]
-    runs: dict[str, list[RunResult]]  # variant -> one run per index
+class RowSummary:
+    row: str
+    code: str
+    precision: str
+    variant: str
+    status: str  # ran | skipped
+    reason: str  # why skipped
+    commit: str  # the commit whose code ran (plus "+dirty" for uncommitted changes)
+    imported_from: str  # pcedge.runtime's folder in the worker
+    description: str
+    index_kind: str
+    median_ms: float | None  # headline round: wall time per run_frames call, decode excluded
+    p95_ms: float | None
+    meets_target: bool | None  # median <= TARGET_MS
+    stages_p50_ms: dict[str, float]
+    headline_round: int | None
+    medians_by_round: list[float]
+    bundle: str
+    bundle_note: str
+    # Against the baseline row in the same round, median over rounds (ms; negative: faster). Robust to load
+    # that changes between rounds, which moves both rows of a round together. Empty for the baseline itself.
+    paired_delta_ms: dict[str, float] = field(default_factory=dict)  # per stage and "end to end"
 
 
 @dataclass
 class LatencyReport:
     target_ms: float
     setting: str
+    baseline_ref: str
+    baseline_commit: str
+    current_commit: str
     bundle: str
     bundle_reused_from_cache: bool
-    bank_rows: int
-    dim: int
-    threads: int
-    backend: str
-    images: dict
+    images: str
     machine: MachineInfo
-    peak: object | None
-    backbone_work: BackboneWork | None
-    variants: list[Variant]
-    summary: list[IndexSummary]  # the shipped variant first
-    rounds: list[Round] = field(default_factory=list)
+    repeats: int
+    warmup: int
+    summary: list[RowSummary]
+    rounds: list[dict] = field(default_factory=list)  # round -> row -> the worker's record
+    variants: list[Variant] = field(default_factory=list)
     context: str = ""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=BSDATA, help="MVTec-layout category (train/good, test/*)")
-    parser.add_argument("--repeats", type=int, default=200, help="timed images per index per round (default 200)")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed images per index first (default 20)")
-    parser.add_argument("--rounds", type=int, default=2, help="repeat the whole measurement (default 2)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANT_NAMES, default=list(VARIANT_NAMES),
-                        help="thread settings to compare (default: all; 'shipped' is the runtime as it is)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available)")
+    parser.add_argument("--baseline", default=None,
+                        help="git ref of the code to compare with (default: git merge-base HEAD main)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["shipped"],
+                        help="thread settings; beyond 'shipped' they are added for current-fp32 only")
+    parser.add_argument("--repeats", type=int, default=300, help="timed images per row per round (default 300)")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed images per row per round first (default 30)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--index", default="auto", help="index the rows use (default auto: the default path)")
+    parser.add_argument("--threads", type=int, default=None, help="DetectorOptions.threads (default: the runtime's)")
     parser.add_argument("--fresh", action="store_true", help="re-export the bundle even if a cached one matches")
     parser.add_argument("--out", type=Path, default=RESULTS / "latency.json")
+    parser.add_argument("--markdown", type=Path, default=RESULTS / "latency.md")
     return parser.parse_args(argv)
 
 
-def open_variant_backend(bundle, threads: int, variant: Variant):
-    """The runtime's ONNX Runtime CPU backend; when the variant sets ``ort_allow_spinning``, its session is
-    re-created with the same options (read back from the session, so nothing else differs) and that setting."""
-    import onnxruntime as ort
-
-    from pcedge.runtime.backends import open_backend
-
-    backend = open_backend("ort-cpu", bundle, threads=threads)
-    if variant.ort_allow_spinning is not None:
-        options = backend.session.get_session_options()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if variant.ort_allow_spinning else "0")
-        backend.session = ort.InferenceSession(str(bundle.model_path), sess_options=options,
-                                               providers=backend.session.get_providers())
-        backend.description += f" [allow_spinning={int(variant.ort_allow_spinning)}]"
-    return backend
+def git(*args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def summarise_rounds(rounds: list[Round], variants: list[Variant]) -> list[IndexSummary]:
-    """Per variant and index: the round with the lower median (the less disturbed one) as the headline."""
-    summary = []
+def make_rows(names: list[str], variants: list[str]) -> list[Row]:
+    rows = []
+    for name in names:
+        code, precision = name.split("-")
+        rows.append(Row(name, code, precision, "shipped"))
     for variant in variants:
-        for i, index in enumerate(INDEXES):
-            medians = [r.runs[variant.name][i].per_image_ms.p50 for r in rounds]
-            best = min(range(len(rounds)), key=lambda k: medians[k])
-            run = rounds[best].runs[variant.name][i]
-            summary.append(IndexSummary(
-                variant=variant.name, index=index, index_kind=run.index_kind, median_ms=run.per_image_ms.p50,
-                p95_ms=run.per_image_ms.p95, p99_ms=run.per_image_ms.p99, meets_target=run.per_image_ms.p50 <= TARGET_MS,
-                stages_p50_ms={s.name: s.ms.p50 for s in run.stages}, stages_p95_ms={s.name: s.ms.p95 for s in run.stages},
-                headline_round=rounds[best].number, medians_by_round=medians,
-            ))
+        if variant != "shipped":
+            rows.append(Row(f"current-fp32/{variant}", "current", "fp32", variant))
+    return rows
+
+
+def run_worker(row: Row, tree: Path, bundle: Path, args: argparse.Namespace, baseline_commit: str,
+               workdir: Path) -> dict:
+    """One row in a fresh process importing pcedge from ``tree``; the worker's JSON record."""
+    variant = VARIANTS[row.variant]
+    out = workdir / f"{row.name.replace('/', '_')}.json"
+    command = [sys.executable, str(WORKER), "--tree", str(tree), "--bundle", str(bundle), "--data", str(args.data),
+               "--precision", row.precision, "--index", args.index, "--repeats", str(args.repeats),
+               "--warmup", str(args.warmup), "--blas-threads", variant.blas_threads, "--out", str(out)]
+    if row.code == "baseline":
+        # A bundle this code can open, exported by this code, if the shared one is too new for it.
+        command += ["--export-to", str(BUNDLES / f"bsdata_default@{baseline_commit[:12]}.pcedge")]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    if variant.ort_spinning is not None:
+        command += ["--ort-spinning", "1" if variant.ort_spinning else "0"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-8:])
+        return {"status": "failed", "reason": f"worker exited with {done.returncode}: {tail}"}
+    return json.loads(out.read_text())
+
+
+def summarise(rows: list[Row], rounds: list[dict]) -> list[RowSummary]:
+    """Per row: the round with the lowest median (the least disturbed one) as the headline."""
+    summary = []
+    for row in rows:
+        records = [r[row.name] for r in rounds]
+        ran = [(i, rec) for i, rec in enumerate(records) if rec.get("status") == "ran"]
+        first = ran[0][1] if ran else records[0]
+        commit = first.get("git", {}).get("commit", "?")
+        commit += "+dirty" if first.get("git", {}).get("dirty") else ""
+        common = dict(row=row.name, code=row.code, precision=row.precision, variant=row.variant, commit=commit,
+                      imported_from=str(Path(first.get("imported", {}).get("pcedge.runtime", "?")).parent),
+                      bundle=first.get("bundle", ""), bundle_note=first.get("bundle_note", ""))
+        if not ran:
+            summary.append(RowSummary(**common, status=first.get("status", "skipped"), reason=first.get("reason", ""),
+                                      description="", index_kind="", median_ms=None, p95_ms=None, meets_target=None,
+                                      stages_p50_ms={}, headline_round=None, medians_by_round=[]))
+            continue
+        medians = [rec["per_image_ms"]["p50"] for _, rec in ran]
+        best_i, best = min(ran, key=lambda item: item[1]["per_image_ms"]["p50"])
+        summary.append(RowSummary(
+            **common, status="ran", reason="", description=best["description"], index_kind=best["index_kind"],
+            median_ms=best["per_image_ms"]["p50"], p95_ms=best["per_image_ms"]["p95"],
+            meets_target=best["per_image_ms"]["p50"] <= TARGET_MS,
+            stages_p50_ms={s: best["stages_ms"][s]["p50"] for s in STAGES}, headline_round=best_i + 1,
+            medians_by_round=medians, paired_delta_ms=paired_deltas(row, rounds)))
     return summary
 
 
+def paired_deltas(row: Row, rounds: list[dict]) -> dict[str, float]:
+    """Per stage and end to end: median over rounds of (this row - baseline-fp32 in the same round)."""
+    import numpy as np
+
+    if row.code == "baseline":
+        return {}
+    pairs = [(r[row.name], r["baseline-fp32"]) for r in rounds
+             if r.get(row.name, {}).get("status") == "ran" and r.get("baseline-fp32", {}).get("status") == "ran"]
+    if not pairs:
+        return {}
+    deltas = {stage: float(np.median([a["stages_ms"][stage]["p50"] - b["stages_ms"][stage]["p50"] for a, b in pairs]))
+              for stage in STAGES}
+    deltas["end to end"] = float(np.median([a["per_image_ms"]["p50"] - b["per_image_ms"]["p50"] for a, b in pairs]))
+    return deltas
+
+
+def short(commit: str) -> str:
+    """``fe4377bbde8b...`` -> ``fe4377bbde8b`` (with ``+dirty`` kept: uncommitted changes ran)."""
+    return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
+def markdown(report: LatencyReport) -> str:
+    m = report.machine
+    lines = [
+        "# Latency: the CPU default path, today's code beside the baseline (results/latency.json)",
+        "",
+        f"{report.setting}. Target: at most {report.target_ms:.0f} ms median. {m.cpu_model}, {m.usable_cpus} usable "
+        f"CPUs; load average {m.loadavg_start[0]:.2f} at the start, "
+        f"{(m.loadavg_end or [float('nan')])[0]:.2f} at the end (the machine is shared: re-run on a quiet one "
+        f"with `python benchmarks/bench_latency.py`). Baseline `{report.baseline_ref}` = "
+        f"{short(report.baseline_commit)}; current {short(report.current_commit)}. Images: {report.images}. "
+        f"{report.repeats} timed images per row and round, {len(report.rounds)} interleaved rounds; headline = the "
+        f"round with the lowest median.",
+        "",
+        "Milliseconds per image (median of the headline round; stages are medians of their own).",
+        "",
+        "| row | commit | median | p95 | preprocess | backbone | index | scoring | target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for s in report.summary:
+        if s.status != "ran":
+            lines.append(f"| {s.row} | {short(s.commit)} | – | – | – | – | – | – | skipped: {s.reason} |")
+            continue
+        st = s.stages_p50_ms
+        lines.append(f"| {s.row} | {short(s.commit)} | **{s.median_ms:.2f}** | {s.p95_ms:.2f} | {st['preprocess']:.2f} | "
+                     f"{st['backbone']:.2f} | {st['index']:.2f} | {st['scoring']:.2f} | "
+                     f"{'met' if s.meets_target else 'missed'} ({s.median_ms:.2f} vs {report.target_ms:.0f}) |")
+    base = next((s for s in report.summary if s.row == "baseline-fp32" and s.status == "ran"), None)
+    if base is not None:
+        lines += ["", "Per stage, before -> after (ms, median):", "",
+                  "| stage | " + " | ".join(f"{s.row}" for s in report.summary if s.status == "ran") + " |",
+                  "|---|" + "---:|" * sum(s.status == "ran" for s in report.summary)]
+        for stage in (*STAGES, "end to end"):
+            cells = []
+            for s in report.summary:
+                if s.status != "ran":
+                    continue
+                value = s.median_ms if stage == "end to end" else s.stages_p50_ms[stage]
+                ref = base.median_ms if stage == "end to end" else base.stages_p50_ms[stage]
+                cells.append(f"{value:.2f}" if s is base else f"{value:.2f} ({value - ref:+.2f})")
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    paired = [s for s in report.summary if s.paired_delta_ms]
+    if paired:
+        lines += ["", "Paired against the baseline in the same round (median over rounds of the difference, ms; "
+                      "the load moves both rows of a round together, so this is the steadier comparison):", "",
+                  "| row | " + " | ".join((*STAGES, "end to end")) + " |", "|---|" + "---:|" * (len(STAGES) + 1)]
+        for s in paired:
+            lines.append(f"| {s.row} | " + " | ".join(f"{s.paired_delta_ms[k]:+.2f}" for k in (*STAGES, "end to end"))
+                         + " |")
+    lines += ["", "Medians by round (ms): " + "; ".join(
+        f"{s.row} {', '.join(f'{v:.2f}' for v in s.medians_by_round)}" for s in report.summary if s.status == "ran"),
+        "", f"Context: {report.context}.", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from pcedge.runtime.backends import default_threads
-    from pcedge.runtime.bundle import open_bundle
-    from pcedge.runtime.detector import Detector, DetectorOptions
-    from pcedge.runtime.evaluation.flops import measure_peak
-
     args = parse_args(argv)
-    all_variants = make_variants()
-    variants = [all_variants[name] for name in VARIANT_NAMES if name in args.variants]  # shipped first
+    rows = make_rows(args.rows, args.variants)
     cached = cached_bundle("bsdata_default", args.data, fresh=args.fresh)
-    bundle = open_bundle(cached.path, verify=True)
-    m = bundle.manifest
-    threads = args.threads or default_threads()
-    frames, images = frames_from_files([str(args.data / "test")], limit=80)
-    log(f"{len(frames)} test frames decoded ({images.frame_shapes}); bank {m.memory_bank.n} x {m.memory_bank.dim}")
-
-    work, work_note = backbone_work(bundle.model_path)
-    peak = measure_peak(threads)
-    base = BenchReport(
-        bundle=str(cached.path), created="", machine=machine_info(), settings={}, images=images,
-        input_hw=[m.input.geometry.height, m.input.geometry.width], patches=m.output.grid_h * m.output.grid_w,
-        bank_rows=m.memory_bank.n, dim=m.memory_bank.dim, peak=peak, backbone_work=work, backbone_work_note=work_note,
-    )
-    config = BenchConfig(bundle=cached.path, batches=(1,), repeats=args.repeats, warmup=args.warmup, threads=threads)
-    descriptions: dict[str, str] = {}
-    rounds: list[Round] = []
-    for number in range(1, args.rounds + 1):
-        before = load_average()
-        runs: dict[str, list[RunResult]] = {}
-        for variant in variants:
-            runs[variant.name] = []
-            for index in INDEXES:
+    machine = machine_info()
+    ref = args.baseline or git("merge-base", "HEAD", "main")
+    baseline_commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    current_commit = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    if baseline_commit == current_commit.removesuffix("+dirty") and any(r.code == "baseline" for r in rows):
+        log(f"note: the baseline {ref} is the current commit (on main, pass --baseline with the commit to compare "
+            f"with, e.g. --baseline fe4377b); the rows still run, but compare the same code")
+    rounds: list[dict] = []
+    workdir = Path(tempfile.mkdtemp(prefix="bench_latency_"))
+    baseline_tree = workdir / "baseline"
+    needs_baseline = any(r.code == "baseline" for r in rows)
+    try:
+        if needs_baseline:
+            git("worktree", "add", "--detach", "--quiet", str(baseline_tree), baseline_commit)
+            log(f"baseline {ref} = {baseline_commit[:12]} checked out in {baseline_tree}")
+        for number in range(1, args.rounds + 1):
+            shift = (number - 1) % len(rows)
+            order = rows[shift:] + rows[:shift]  # rotate, so no row always runs first or last
+            records: dict = {"round": number, "loadavg_before": load_average(), "order": [r.name for r in order]}
+            for row in order:
                 started = time.perf_counter()
-                # A detector per run, closed after it: it owns the backend and, while open, holds the
-                # process-wide BLAS thread limit of its options.
-                backend = open_variant_backend(bundle, threads, variant)
-                descriptions[variant.name] = backend.description
-                options = DetectorOptions(backend="ort-cpu", index=index, threads=threads, verify_checksums=False,
-                                          blas_threads=variant.blas_threads)
-                with Detector(bundle, backend, options) as detector:
-                    run = run_one(base, detector, index, frames, 1, config)
-                runs[variant.name].append(run)
-                log(f"round {number} {variant.name:17s} {index:5s} ({run.index_kind}): median "
-                    f"{run.per_image_ms.p50:.2f} ms, p95 {run.per_image_ms.p95:.2f} ms "
-                    f"({time.perf_counter() - started:.0f} s; load {load_average()[0]})")
-        rounds.append(Round(number, before, load_average(), runs))
+                tree = baseline_tree if row.code == "baseline" else ROOT
+                record = run_worker(row, tree, cached.path, args, baseline_commit, workdir)
+                records[row.name] = record
+                if record.get("status") == "ran":
+                    st = record["stages_ms"]
+                    log(f"round {number} {row.name:28s} median {record['per_image_ms']['p50']:6.2f} ms ("
+                        + ", ".join(f"{s} {st[s]['p50']:.2f}" for s in STAGES)
+                        + f"; {time.perf_counter() - started:.0f} s; load {load_average()[0]})")
+                else:
+                    log(f"round {number} {row.name:28s} {record.get('status')}: {record.get('reason')}")
+            records["loadavg_after"] = load_average()
+            rounds.append(records)
+    finally:
+        if needs_baseline and baseline_tree.exists():
+            git("worktree", "remove", "--force", str(baseline_tree))
+        shutil.rmtree(workdir, ignore_errors=True)
 
-    summary = summarise_rounds(rounds, variants)
-    base.machine.loadavg_end = load_average()
+    summary = summarise(rows, rounds)
+    machine.loadavg_end = load_average()
     report = LatencyReport(
         target_ms=TARGET_MS,
-        setting="bundle exported with default settings; ort-cpu; batch 1; decode excluded, everything else included",
-        bundle=str(cached.path), bundle_reused_from_cache=cached.reused, bank_rows=m.memory_bank.n,
-        dim=m.memory_bank.dim, threads=threads, backend=descriptions[variants[0].name],
-        images={"source": images.source, "n": images.n, "frame_shapes": images.frame_shapes},
-        machine=base.machine, peak=peak, backbone_work=work, variants=variants, summary=summary, rounds=rounds,
+        setting=f"bundle exported with default settings; ort-cpu with the runtime's defaults; index {args.index}; "
+                f"batch 1; decode excluded, everything else included",
+        baseline_ref=ref, baseline_commit=baseline_commit, current_commit=current_commit,
+        bundle=str(cached.path), bundle_reused_from_cache=cached.reused,
+        images=f"{args.data / 'test'} (80 frames, good and defective)", machine=machine, repeats=args.repeats,
+        warmup=args.warmup, summary=summary, rounds=rounds,
+        variants=[VARIANTS[v] for v in args.variants],
         context=f"the official implementation (amazon-science/patchcore-inspection) takes about "
                 f"{OFFICIAL_MS_PER_IMAGE_CONTEXT:.0f} ms per image on this machine with the same backbone "
                 f"(reported to us, not measured by this script)",
     )
     write_json(args.out, report)
-
-    print(f"{'variant':17s} {'index':13s} {'median':>7s} {'p95':>7s}  preprocess backbone  index scoring  "
-          f"(ms, p50)  target {TARGET_MS:.0f} ms")
+    write_text_atomic(args.markdown, markdown(report))
+    print(f"{'row':28s} {'commit':18s} {'median':>7s} {'p95':>7s}  preprocess backbone  index scoring  (ms)  "
+          f"target {TARGET_MS:.0f} ms")
     for s in summary:
+        if s.status != "ran":
+            print(f"{s.row:28s} {short(s.commit):18s} {s.status}: {s.reason}")
+            continue
         st = s.stages_p50_ms
-        print(f"{s.variant:17s} {s.index + ' (' + s.index_kind + ')':13s} {s.median_ms:7.2f} {s.p95_ms:7.2f}  "
-              f"{st['preprocess']:10.2f} {st['backbone']:8.2f} {st['index']:6.2f} {st['scoring']:7.2f}  "
-              f"{'met' if s.meets_target else 'MISSED':>21s}")
-    print(f"wrote {args.out}")
+        print(f"{s.row:28s} {short(s.commit):18s} {s.median_ms:7.2f} {s.p95_ms:7.2f}  {st['preprocess']:10.2f} "
+              f"{st['backbone']:8.2f} {st['index']:6.2f} {st['scoring']:7.2f}  {'met' if s.meets_target else 'MISSED':>6s}")
+    print(f"wrote {args.out} and {args.markdown}")
     return 0
 
 

@@ -12,6 +12,7 @@ backbone (the engine), index (nearest-neighbour search, including the exact re-s
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import numpy as np
 from .backends import Backend, open_backend
 from .bundle import Bundle, Manifest, open_bundle
 from .index import ExactIndex, make_index
-from .preprocess import Placement, fit_geometry, read_image, to_tensor
+from .preprocess import InputBuffers, Placement, read_image
 from .scoring import Scorer, normalise
 
 ImageInput = "str | os.PathLike[str] | np.ndarray"
@@ -111,6 +112,9 @@ class Detector:
         spec = self.manifest.threshold
         self.threshold = float(options.threshold if options.threshold is not None else spec.value)
         self.scale = float(spec.scale) if spec.scale > 0 else 1.0
+        # Network-input memory reused from frame to frame, one set per thread that calls run_frames (the
+        # watch pipeline and a server may call from several); see InputBuffers.
+        self._inputs = threading.local()
 
     @classmethod
     def open(cls, bundle_path: str | os.PathLike[str], options: DetectorOptions | None = None, **kwargs) -> "Detector":
@@ -164,15 +168,20 @@ class Detector:
             return []
         sources = sources or [None] * len(frames)
         t1 = time.perf_counter()
-        fitted = [fit_geometry(f, self.geometry, s or "<array>") for f, s in zip(frames, sources)]
-        tensor = to_tensor([f[0] for f in fitted])
-        placements = [f[1] for f in fitted]
+        tensor, placements = self.input_buffers().prepare(frames, sources)
         t2 = time.perf_counter()
         results = self.score_tensor(tensor, placements, sources)
         for r in results:
             r.timings.decode_ms = decode_ms
             r.timings.preprocess_ms = (t2 - t1) * 1e3 / len(frames)
         return results
+
+    def input_buffers(self) -> InputBuffers:
+        """This thread's reused network-input buffers (created on its first call)."""
+        buffers = getattr(self._inputs, "buffers", None)
+        if buffers is None:
+            buffers = self._inputs.buffers = InputBuffers(self.geometry)
+        return buffers
 
     def embed(self, tensor: np.ndarray) -> np.ndarray:
         """Network batch ``[B, 3, H, W]`` -> embeddings ``[B, h*w, D]`` from the backend."""

@@ -2,8 +2,9 @@
 
 OpenCV and numpy only. Arrays follow OpenCV's convention (what ``cv2.imread`` and ``cv2.VideoCapture``
 give): gray ``[H, W]``, BGR ``[H, W, 3]`` or BGRA ``[H, W, 4]``; uint8, uint16, or float in [0, 1]. The frame is
-resized in its native dtype first and converted to float RGB afterwards, so the per-pixel work happens on
-the small image. The exporter uses these same functions, so training and inference see identical pixels. The inverse
+resized in its native dtype first and converted to float RGB afterwards, in one pass straight into the
+network input (:class:`InputBuffers` reuses that memory from frame to frame), so the per-pixel work happens
+on the small image. The exporter uses these same functions, so training and inference see identical pixels. The inverse
 (:meth:`Placement.to_original`) puts an anomaly map computed on the network input back into the original
 image's coordinates, marking pixels the network never saw as NaN.
 """
@@ -157,15 +158,21 @@ class Placement:
     def to_original(self, net_map: np.ndarray) -> np.ndarray:
         """``[net_h, net_w]`` float32 map -> ``[orig_h, orig_w]`` float32; pixels the network did not see are NaN."""
         inner = net_map[self.top : self.top + self.inner_h, self.left : self.left + self.inner_w]
-        out = np.full((self.orig_h, self.orig_w), np.nan, dtype=np.float32)
         ix0, iy0 = int(round(self.x0)), int(round(self.y0))
         ix1, iy1 = int(round(self.x1)), int(round(self.y1))
         ix0, iy0 = max(ix0, 0), max(iy0, 0)
         ix1, iy1 = min(ix1, self.orig_w), min(iy1, self.orig_h)
+        out = np.empty((self.orig_h, self.orig_w), dtype=np.float32)
+        if (ix0, iy0, ix1, iy1) != (0, 0, self.orig_w, self.orig_h):
+            out.fill(np.nan)  # crop: the network did not see the margins
         if ix1 > ix0 and iy1 > iy0:
-            out[iy0:iy1, ix0:ix1] = cv2.resize(
-                np.ascontiguousarray(inner, dtype=np.float32), (ix1 - ix0, iy1 - iy0), interpolation=cv2.INTER_LINEAR
-            )
+            # Resized straight into the frame-sized map: no frame-sized temporary and copy (the map of a
+            # 1130x460 frame is 2 MB; this halves the placement's time).
+            target = out[iy0:iy1, ix0:ix1]
+            placed = cv2.resize(np.ascontiguousarray(inner, dtype=np.float32), (ix1 - ix0, iy1 - iy0), dst=target,
+                                interpolation=cv2.INTER_LINEAR)
+            if placed is not target:  # OpenCV allocated instead of writing into the view
+                target[...] = placed
         return out
 
     def seen_mask(self) -> np.ndarray:
@@ -177,10 +184,14 @@ class Placement:
         return mask
 
 
-def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+def _resize(image: np.ndarray, width: int, height: int, buffer: "_ResizeBuffer | None" = None) -> np.ndarray:
     # INTER_AREA when shrinking (anti-aliased, like a camera's binning), bilinear when enlarging.
     shrinking = width < image.shape[1] or height < image.shape[0]
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    if buffer is None:
+        return cv2.resize(image, (width, height), interpolation=interpolation)
+    dst = buffer.get((height, width, *image.shape[2:]), image.dtype)
+    return cv2.resize(image, (width, height), dst=dst, interpolation=interpolation)
 
 
 def crop_resize_size(width: int, height: int, resize: int) -> tuple[int, int]:
@@ -191,7 +202,25 @@ def crop_resize_size(width: int, height: int, resize: int) -> tuple[int, int]:
 
 
 def fit_geometry(image: np.ndarray, geometry: Geometry, source: str = "<array>") -> tuple[np.ndarray, Placement]:
-    """OpenCV-convention frame ``[h, w(, c)]`` -> float32 RGB ``[H, W, 3]`` in [0, 1] and its :class:`Placement`."""
+    """OpenCV-convention frame ``[h, w(, c)]`` -> float32 RGB ``[H, W, 3]`` in [0, 1] and its :class:`Placement`.
+
+    The same pixels as :class:`InputBuffers` writes into the network input (it is computed by the same
+    code, :func:`fit_geometry_into`), laid out channel-last for the exporter and for display.
+    """
+    planes = np.empty((3, geometry.height, geometry.width), dtype=np.float32)
+    placement = fit_geometry_into(image, geometry, planes, source)
+    return np.ascontiguousarray(planes.transpose(1, 2, 0)), placement  # contiguous, as OpenCV and torch expect
+
+
+def fit_geometry_into(image: np.ndarray, geometry: Geometry, out: np.ndarray, source: str = "<array>",
+                      resize_buffer: "_ResizeBuffer | None" = None) -> Placement:
+    """Write one frame's network input into ``out`` ``[3, H, W]`` float32 (RGB, [0, 1]); return its placement.
+
+    The frame is resized in its native dtype (uint8 stays uint8) and then converted once, channel by
+    channel, straight into ``out``: the BGR -> RGB order, the gray -> RGB copy and the dtype's scale
+    happen in that one pass, with no float copy of the frame in between. ``resize_buffer`` (optional)
+    reuses the resized frame's memory across calls.
+    """
     check_frame(image, source)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
@@ -199,29 +228,98 @@ def fit_geometry(image: np.ndarray, geometry: Geometry, source: str = "<array>")
         image = image.astype(np.float32)
     h, w = image.shape[:2]
     H, W = geometry.height, geometry.width
+    if out.shape != (3, H, W) or out.dtype != np.float32:
+        raise ValueError(f"network input buffer is {list(out.shape)} {out.dtype}, expected [3, {H}, {W}] float32")
     if geometry.mode == "stretch":
-        out = to_rgb_float(_resize(image, W, H), source)
-        return out, Placement(h, w, H, W, 0.0, 0.0, float(w), float(h), 0, 0, H, W)
+        _to_rgb_planes(_resize(image, W, H, resize_buffer), out, source)
+        return Placement(h, w, H, W, 0.0, 0.0, float(w), float(h), 0, 0, H, W)
     if geometry.mode == "letterbox":
         scale = min(W / w, H / h)
         inner_w = max(1, min(W, int(round(w * scale))))
         inner_h = max(1, min(H, int(round(h * scale))))
         top, left = (H - inner_h) // 2, (W - inner_w) // 2
-        out = np.full((H, W, 3), geometry.pad_value, dtype=np.float32)
-        out[top : top + inner_h, left : left + inner_w] = to_rgb_float(_resize(image, inner_w, inner_h), source)
-        return out, Placement(h, w, H, W, 0.0, 0.0, float(w), float(h), top, left, inner_h, inner_w)
+        out[...] = np.float32(geometry.pad_value)
+        inner = out[:, top : top + inner_h, left : left + inner_w]
+        _to_rgb_planes(_resize(image, inner_w, inner_h, resize_buffer), inner, source)
+        return Placement(h, w, H, W, 0.0, 0.0, float(w), float(h), top, left, inner_h, inner_w)
     if geometry.mode == "crop":
         # torchvision's Resize(int) + CenterCrop, to the pixel: the shorter side becomes `resize` and the
         # longer one int(resize * long / short) (truncated); the crop starts at round((side - crop) / 2)
         # (Python's round, half to even, as CenterCrop computes it).
         rw, rh = crop_resize_size(w, h, geometry.resize)
         rw, rh = max(W, rw), max(H, rh)
-        resized = _resize(image, rw, rh)
+        resized = _resize(image, rw, rh, resize_buffer)
         top, left = int(round((rh - H) / 2.0)), int(round((rw - W) / 2.0))
-        out = to_rgb_float(np.ascontiguousarray(resized[top : top + H, left : left + W]), source)
+        _to_rgb_planes(resized[top : top + H, left : left + W], out, source)
         sx, sy = w / rw, h / rh
-        return out, Placement(h, w, H, W, left * sx, top * sy, (left + W) * sx, (top + H) * sy, 0, 0, H, W)
+        return Placement(h, w, H, W, left * sx, top * sy, (left + W) * sx, (top + H) * sy, 0, 0, H, W)
     raise ValueError(f"unknown geometry mode {geometry.mode!r} (expected stretch, letterbox or crop)")
+
+
+def _to_rgb_planes(image: np.ndarray, out: np.ndarray, source: str) -> None:
+    """Resized frame ``[h, w(, c)]`` (gray/BGR/BGRA; uint8/uint16/float32) -> ``out`` ``[3, h, w]`` RGB in [0, 1].
+
+    Pixel for pixel what :func:`to_rgb_float` computes (tests/test_preprocess.py checks equality): the
+    colour conversions are pure channel copies, and ``float32(x) * float32(scale)`` is the same product
+    whether numpy casts the whole frame first or each channel on the way into ``out``.
+    """
+    scale = _PIXEL_SCALE.get(image.dtype)
+    if scale is None:
+        raise ImageError(f"{source}: unsupported pixel type {image.dtype}")
+    if image.ndim == 2:
+        channels = (image, image, image)
+    elif image.ndim == 3 and image.shape[2] in (3, 4):
+        channels = (image[:, :, 2], image[:, :, 1], image[:, :, 0])  # BGR(A) -> RGB, alpha dropped
+    else:
+        raise ImageError(f"{source}: unsupported image shape {list(image.shape)}")
+    for plane, channel in zip(out, channels):
+        np.multiply(channel, scale, out=plane)
+    if image.dtype.kind == "f":
+        # Integer pixels times their dtype's scale never leave [0, 1] (checked for every uint8 and uint16
+        # value); float frames may, and are clipped as to_rgb_float does.
+        np.clip(out, 0.0, 1.0, out=out)
+
+
+#: Pixel scale per dtype: from the dtype, never from the image's maximum, so a dark frame stays dark.
+_PIXEL_SCALE = {np.dtype(np.uint8): np.float32(1.0 / 255.0), np.dtype(np.uint16): np.float32(1.0 / 65535.0),
+                np.dtype(np.float32): np.float32(1.0)}
+
+
+class _ResizeBuffer:
+    """The last resized frame's memory, reused while the shape and dtype stay the same (a camera's frames)."""
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        if self.array is None or self.array.shape != shape or self.array.dtype != dtype:
+            self.array = np.empty(shape, dtype=dtype)
+        return self.array
+
+
+class InputBuffers:
+    """Frames -> network input ``[B, 3, H, W]`` float32, written into memory reused from call to call.
+
+    One instance per thread that prepares inputs (the returned tensor is overwritten by the next call).
+    The pixels are :func:`fit_geometry`'s exactly, which is what the exporter saw.
+    """
+
+    def __init__(self, geometry: Geometry):
+        self.geometry = geometry
+        self._tensor: np.ndarray | None = None  # [B, 3, H, W] float32
+        self._resized = _ResizeBuffer()
+
+    def prepare(self, frames: list[np.ndarray], sources: list[str | None] | None = None
+                ) -> tuple[np.ndarray, list[Placement]]:
+        """OpenCV-convention frames -> (network input ``[B, 3, H, W]``, valid until the next call; placements)."""
+        g = self.geometry
+        shape = (len(frames), 3, g.height, g.width)
+        if self._tensor is None or self._tensor.shape != shape:
+            self._tensor = np.empty(shape, dtype=np.float32)
+        sources = sources or [None] * len(frames)
+        placements = [fit_geometry_into(frame, g, self._tensor[b], source or "<array>", self._resized)
+                      for b, (frame, source) in enumerate(zip(frames, sources))]
+        return self._tensor, placements
 
 
 def check_geometry(geometry: Geometry, multiple: int = 16) -> None:

@@ -101,3 +101,85 @@ def test_crop_geometry_is_torchvisions_to_the_pixel(width, height):
     _, placement = fit_geometry(frame, Geometry(mode="crop", height=224, width=224, resize=256))
     rw, rh = resized.shape[2], resized.shape[1]
     assert placement.x0 == pytest.approx(left * width / rw) and placement.y0 == pytest.approx(top * height / rh)
+
+
+def _previous_fit_geometry(image: np.ndarray, g: Geometry) -> np.ndarray:
+    """The network input as it was computed before InputBuffers (fe4377b): resize in the native dtype, a
+    float RGB copy of the resized frame (to_rgb_float), letterbox padding around it, crop as a slice."""
+    from pcedge.runtime.preprocess import crop_resize_size, to_rgb_float
+
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.dtype == np.float64:
+        image = image.astype(np.float32)
+
+    def resize(im, w, h):
+        shrinking = w < im.shape[1] or h < im.shape[0]
+        return cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+    h, w = image.shape[:2]
+    if g.mode == "stretch":
+        return to_rgb_float(resize(image, g.width, g.height))
+    if g.mode == "letterbox":
+        scale = min(g.width / w, g.height / h)
+        iw, ih = max(1, min(g.width, int(round(w * scale)))), max(1, min(g.height, int(round(h * scale))))
+        top, left = (g.height - ih) // 2, (g.width - iw) // 2
+        out = np.full((g.height, g.width, 3), g.pad_value, dtype=np.float32)
+        out[top : top + ih, left : left + iw] = to_rgb_float(resize(image, iw, ih))
+        return out
+    rw, rh = crop_resize_size(w, h, g.resize)
+    rw, rh = max(g.width, rw), max(g.height, rh)
+    resized = resize(image, rw, rh)
+    top, left = int(round((rh - g.height) / 2.0)), int(round((rw - g.width) / 2.0))
+    return to_rgb_float(np.ascontiguousarray(resized[top : top + g.height, left : left + g.width]))
+
+
+def _pixel_formats(bgr: np.ndarray) -> dict[str, np.ndarray]:
+    """The real photo in every pixel format a camera or a file gives (OpenCV convention)."""
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    wide = bgr.astype(np.float64) / 255.0
+    wide[0, 0] = (1.5, -0.25, 0.5)  # out of range: float frames are clipped to [0, 1]
+    return {
+        "bgr-u8": bgr, "bgra-u8": cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA), "gray-u8": gray,
+        "gray-u8-1ch": gray[:, :, None], "bgr-u16": bgr.astype(np.uint16) * 257 + 3,
+        "gray-u16": gray.astype(np.uint16) * 250, "bgr-f32": wide.astype(np.float32), "bgr-f64": wide,
+    }
+
+
+@pytest.mark.parametrize("mode", ["stretch", "letterbox", "crop"])
+@pytest.mark.parametrize("size", [(460, 1130), (96, 150), (300, 200)])  # the photo, enlarged and portrait
+def test_reused_buffers_give_exactly_the_previous_pixels(mode, size):
+    """InputBuffers (resize in the native dtype, one conversion pass into a reused [B, 3, H, W]) must give
+    bit-identical network inputs to the previous to_rgb_float + to_tensor path: the exporter and every
+    bundle already exported saw those pixels."""
+    from pcedge.runtime.preprocess import InputBuffers, to_tensor
+
+    bgr = cv2.resize(read_image(IMAGE), (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    g = Geometry(mode=mode, height=224, width=160, resize=256)
+    buffers = InputBuffers(g)
+    for name, frame in _pixel_formats(bgr).items():
+        expected = to_tensor([_previous_fit_geometry(frame, g)])
+        tensor, placements = buffers.prepare([frame])
+        assert tensor.shape == (1, 3, 224, 160) and tensor.dtype == np.float32 and tensor.flags.c_contiguous
+        assert np.array_equal(tensor, expected), f"{mode} {size} {name}: pixels differ from the previous path"
+        fitted, placement = fit_geometry(frame, g)  # the exporter's entry point: the same pixels, [H, W, 3]
+        assert np.array_equal(to_tensor([fitted]), expected) and placement == placements[0]
+
+
+def test_input_buffers_are_reused_and_batches_keep_their_order():
+    from pcedge.runtime.preprocess import InputBuffers, to_tensor
+
+    bgr = read_image(IMAGE)
+    frames = [bgr, cv2.flip(bgr, 1), cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)]
+    g = Geometry(height=224, width=224)
+    buffers = InputBuffers(g)
+    first, _ = buffers.prepare(frames)
+    expected = to_tensor([fit_geometry(f, g)[0] for f in frames])
+    assert np.array_equal(first, expected)
+    again, _ = buffers.prepare(frames[::-1])
+    assert again is first  # the same memory, overwritten
+    assert np.array_equal(again, expected[::-1])
+    single, _ = buffers.prepare(frames[:1])
+    assert single.shape == (1, 3, 224, 224) and np.array_equal(single[0], expected[0])
+    with pytest.raises(ImageError, match="cam0: unsupported pixel type int32"):
+        buffers.prepare([bgr.astype(np.int32)], ["cam0"])

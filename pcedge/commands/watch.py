@@ -61,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
         jsonl=args.jsonl, save_dir=args.save_dir, save_every_s=args.save_every_s, video_out=args.video_out,
         show=args.show, max_frames=args.max_frames, duration_s=args.duration,
     )
+    # Threads: the runtime's defaults -- ONNX Runtime intra-op on every core (--threads unset), numpy's BLAS
+    # on one (DetectorOptions.blas_threads) -- are the best split measured for this pipeline on 2 cores
+    # (benchmarks/bench_watch_threads.py, results/watch_threads.json, 5 rounds at load ~9: 76.1 FPS and
+    # 32.2 ms p50 latency; one ONNX Runtime thread 77.4 FPS, 35.5 ms, the same within noise; two BLAS
+    # threads 20-29 FPS at 2.4x the CPU time per frame, their threads busy-waiting on the backbone's core).
     detector = open_remote(args, "watch") if args.server else open_detector(args, "watch")
     if detector is None:
         return 2

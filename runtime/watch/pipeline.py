@@ -1,7 +1,7 @@
 """The ``pcedge watch`` loop: a frame source through the detector, in stages that overlap.
 
     capture thread         backbone thread               scoring thread               main thread
-    source.read() --q1--> fit_geometry, to_tensor --q2--> score_embeddings   --q3--> JSONL, saved frames,
+    source.read() --q1--> InputBuffers.prepare   --q2--> score_embeddings   --q3--> JSONL, saved frames,
                           detector.embed                  (index on the CPU,          video, window
                                                            Eq. 7, anomaly map)
 
@@ -35,7 +35,7 @@ import numpy as np
 from ..detector import Detector, Result
 from ..errors import WatchError
 from ..overlay import render_overlay
-from ..preprocess import ImageError, Placement, fit_geometry, to_tensor
+from ..preprocess import ImageError, InputBuffers, Placement
 from .channel import EMPTY, END, Channel
 from .outputs import AnomalySaver, EventLog, VideoSink, Window
 from .sources import Frame, FrameSource, SourceEvent
@@ -108,6 +108,8 @@ class WatchPipeline:
         self._error: str | None = None
         self._lock = threading.Lock()
         self._tally = _Tally()
+        # Network-input memory reused frame after frame; only the backbone thread (_embed) touches it.
+        self._inputs = InputBuffers(detector.geometry)
         self._latency = LatencyReservoir(self.options.latency_reservoir, self.options.seed)
         live = source.is_live
         self._q_frames = Channel(1 if live else self.options.queue_size)
@@ -223,8 +225,8 @@ class WatchPipeline:
         """Preprocess + backbone: frame -> ``[1, 3, H, W]`` -> embeddings ``[1, h*w, D]``."""
         t0 = time.perf_counter()
         source = item.frame.origin or f"frame {item.frame.number}"
-        fitted, item.placement = fit_geometry(item.frame.image, self.detector.geometry, source)
-        tensor = to_tensor([fitted])
+        # The tensor is overwritten by the next frame: embed() below consumes it before that.
+        tensor, (item.placement,) = self._inputs.prepare([item.frame.image], [source])
         t1 = time.perf_counter()
         item.embeddings = self.detector.embed(tensor)
         t2 = time.perf_counter()

@@ -1,0 +1,58 @@
+"""benchmarks/latency_worker.py, the per-row process of bench_latency.py: it must import pcedge from the
+tree it is given (the baseline's worktree), never from this checkout, and a row whose precision the code
+or the bundle lacks must come back as skipped with the reason, not as a crash. No timing thresholds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import BSD, ROOT
+
+WORKER = ROOT / "benchmarks" / "latency_worker.py"
+
+
+def _copy_tree(to: Path) -> Path:
+    """A second source tree (as a git worktree of another ref would be): pcedge/, export/, runtime/."""
+    for folder in ("pcedge", "export", "runtime"):
+        shutil.copytree(ROOT / folder, to / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return to
+
+
+def test_worker_imports_pcedge_from_the_given_tree(tmp_path):
+    tree = _copy_tree(tmp_path / "other")
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+            "from latency_worker import import_pcedge_from; "
+            "files = import_pcedge_from(Path(sys.argv[2])); import pcedge.runtime.scoring as s; "
+            "files['scoring'] = s.__file__; print(json.dumps(files))")
+    done = subprocess.run([sys.executable, "-c", code, str(WORKER.parent), str(tree)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    files = json.loads(done.stdout)
+    assert set(files) == {"pcedge", "pcedge.runtime", "pcedge.runtime.detector", "scoring"}
+    for name, file in files.items():
+        assert Path(file).is_relative_to(tree), f"{name} came from {file}, not from the tree {tree}"
+
+
+def test_worker_times_fp32_and_reports_a_missing_precision_as_skipped(tmp_path, fixture_bundle):
+    records = {}
+    for precision in ("fp32", "int8"):
+        out = tmp_path / f"{precision}.json"
+        done = subprocess.run([sys.executable, str(WORKER), "--tree", str(ROOT), "--bundle", str(fixture_bundle),
+                               "--data", str(BSD), "--precision", precision, "--repeats", "3", "--warmup", "1",
+                               "--frames", "2", "--out", str(out)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        records[precision] = json.loads(out.read_text())
+    fp32 = records["fp32"]
+    assert fp32["status"] == "ran" and fp32["per_image_ms"]["n"] == 3 and fp32["imported"]["pcedge.runtime"].startswith(str(ROOT))
+    assert set(fp32["stages_ms"]) == {"preprocess", "backbone", "index", "scoring"}
+    assert len(fp32["git"]["commit"]) == 40 and fp32["bundle"] == str(fixture_bundle)
+    int8 = records["int8"]
+    graphs = {p.name for p in Path(fixture_bundle).glob("*.onnx")}
+    if "model_int8.onnx" in graphs:  # a bundle exported once INT8 export has landed: the row runs
+        assert int8["status"] == "ran" and int8["per_image_ms"]["n"] == 3
+    else:
+        assert int8["status"] == "skipped" and "int8" in int8["reason"].lower() and "model.onnx" in int8["reason"]
