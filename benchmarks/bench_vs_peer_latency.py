@@ -70,6 +70,8 @@ CONFIGS = (
     PcedgeConfig("exact-blas2", "10%", "exact", blas_threads=2, note="exact index, products on both cores"),
     PcedgeConfig("hnsw-ef32", "10%", "hnsw", ef=32, note="HNSW at the bundle's ef + exact re-scoring"),
     PcedgeConfig("auto", "10%", "auto", note="what `--index auto` picks for this bank (exact image score)"),
+    PcedgeConfig("auto-hnsw-1-thread", "10%", "auto", hnsw_threads=1,
+                 note="auto with hnswlib's queries on one thread (the other core left to others)"),
     PcedgeConfig("default-1%", "1%", "auto", note="pcedge's defaults: 1 % bank (context, not equal work)"),
 )
 
