@@ -72,6 +72,7 @@ CONFIGS = (
     PcedgeConfig("auto", "10%", "auto", note="what `--index auto` picks for this bank (exact image score)"),
     PcedgeConfig("auto-hnsw-1-thread", "10%", "auto", hnsw_threads=1,
                  note="auto with hnswlib's queries on one thread (the other core left to others)"),
+    PcedgeConfig("hnsw-ef4", "10%", "hnsw", ef=4, note="HNSW at ef 4 + exact re-scoring (map 0.5 % above exact on average)"),
     PcedgeConfig("default-1%", "1%", "auto", note="pcedge's defaults: 1 % bank (context, not equal work)"),
 )
 

@@ -237,6 +237,10 @@ _BOUND_SLACK = 4e-5
 _FLOAT32_DISTANCE_SLACK = 2e-4
 _MAX_PRUNE_DIMS = 64
 
+#: Largest ``[M, N]`` bound matrix a call builds (16 MiB of float32, as the blocked product's k = 1 tile);
+#: bigger calls (many queries on a very large bank) use the blocked product.
+_PRUNE_MAX_BOUND_ENTRIES = 1 << 22
+
 
 class PrunedExactIndex(ExactIndex):
     """Exact k-NN that, for a few queries at a time, skips the bank rows a proven lower bound rules out.
@@ -254,9 +258,10 @@ class PrunedExactIndex(ExactIndex):
     row closer than the k-th neighbour can be skipped, so the result is the exact k-NN; distances come from
     :func:`exact_distances`, as :class:`ExactIndex`'s do.
 
-    Calls with more than ``max_pruned_queries`` queries (a whole image) use :class:`ExactIndex`'s blocked
-    product. Memory: ``[r + 1, N]`` float32 (1.6 MB for 11,760 rows, r = 32) and, per call, ``[M, N]``
-    float32 (M <= 64: 3 MB for 11,760 rows). Building costs one ``[D, D]`` scatter matrix (``N D^2``).
+    Calls with more than ``max_pruned_queries`` queries (a whole image), or whose ``[M, N]`` bound matrix
+    would exceed 16 MiB, use :class:`ExactIndex`'s blocked product. Memory: ``[r + 1, N]`` float32 (1.6 MB
+    for 11,760 rows, r = 32) and, per call, ``[M, N]`` float32 plus a boolean mask (M <= 64: 3.8 MB for
+    11,760 rows). Building costs one ``[D, D]`` scatter matrix (``N D^2`` flops), in chunks of 16k rows.
     """
 
     def __init__(self, bank: np.ndarray, dims: int = PRUNE_DIMS, max_pruned_queries: int = PRUNE_MAX_QUERIES,
@@ -267,21 +272,32 @@ class PrunedExactIndex(ExactIndex):
                              f"max_pruned_queries >= 0, got {dims}, {max_pruned_queries}")
         self.dims = min(int(dims), self.dim)
         self.max_pruned_queries = int(max_pruned_queries)
-        centred = self.bank.astype(np.float64)
-        self._mean = centred.mean(axis=0)  # [D]
-        centred -= self._mean
+        self._mean = self.bank.sum(axis=0, dtype=np.float64) / self.n  # [D]
+        scatter = np.zeros((self.dim, self.dim))
+        for centred in self._centred_chunks():
+            scatter += centred.T @ centred
         # Principal directions: eigenvectors of the scatter matrix, largest eigenvalue first. eigh returns
         # orthonormal columns to float64 rounding, which the bound needs (any orthonormal B gives a valid
         # bound; the principal ones make it tight).
-        _, vectors = np.linalg.eigh(centred.T @ centred)
+        _, vectors = np.linalg.eigh(scatter)
         self._basis = np.ascontiguousarray(vectors[:, ::-1][:, : self.dims])  # [D, r]
-        lifted = self._lift(centred)  # [N, r + 1] float64
         # -2 a_x in float32 (the product's right side) and |a_x|^2 minus the slack: one [M, N] product and two
         # broadcast adds give the bound. Scaling by -2 is exact in binary floating point.
-        self._bank_lifted_minus2 = np.ascontiguousarray((-2.0 * lifted).astype(np.float32).T)  # [r + 1, N]
-        self._bank_term = ((1.0 - _BOUND_SLACK) * np.einsum("nd,nd->n", centred, centred)).astype(np.float32)
+        self._bank_lifted_minus2 = np.empty((self.dims + 1, self.n), dtype=np.float32)  # [r + 1, N]
+        self._bank_term = np.empty(self.n, dtype=np.float32)  # [N]
+        start = 0
+        for centred in self._centred_chunks():
+            stop = start + centred.shape[0]
+            self._bank_lifted_minus2[:, start:stop] = (-2.0 * self._lift(centred)).T
+            self._bank_term[start:stop] = (1.0 - _BOUND_SLACK) * np.einsum("nd,nd->n", centred, centred)
+            start = stop
         self.note = (f"exact index over {self.n} x {self.dim} bank (blocked matrix product; calls of up to "
                      f"{self.max_pruned_queries} queries pruned by a {self.dims}-direction projection bound)")
+
+    def _centred_chunks(self, rows: int = 16384):
+        """The bank minus its mean in float64, ``[<= rows, D]`` at a time (no bank-sized float64 copy)."""
+        for start in range(0, self.n, rows):
+            yield self.bank[start : start + rows].astype(np.float64) - self._mean
 
     def _lift(self, centred: np.ndarray) -> np.ndarray:
         """``[M, D]`` float64 centred vectors -> ``[M, r + 1]``: principal coordinates, residual norm."""
@@ -302,7 +318,7 @@ class PrunedExactIndex(ExactIndex):
     def query(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``q [M, D]`` float32 -> ``(distances [M, k] float32 ascending, ids [M, k] int64)``, exact."""
         q = _check_query(q, k, self.n, self.dim)
-        if q.shape[0] > self.max_pruned_queries or k == self.n:
+        if q.shape[0] > self.max_pruned_queries or q.shape[0] * self.n > _PRUNE_MAX_BOUND_ENTRIES or k == self.n:
             return super().query(q, k)
         m = q.shape[0]
         bound = self.lower_bounds_sq(q)  # [M, N]

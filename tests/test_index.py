@@ -353,6 +353,10 @@ def test_pruned_delegates_many_queries_to_the_blocked_product(screw):
     pruned, blocked = PrunedExactIndex(bank, max_pruned_queries=8), ExactIndex(bank)
     for got, want in zip(pruned.query(queries[:300], 3), blocked.query(queries[:300], 3)):
         np.testing.assert_array_equal(got, want)  # the same code path, bit for bit
+    # a bound matrix above 16 MiB (here 500 x 9408 float32) also goes to the blocked product
+    roomy = PrunedExactIndex(bank, max_pruned_queries=1000)
+    for got, want in zip(roomy.query(queries[:500], 1), blocked.query(queries[:500], 1)):
+        np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="dims must be in"):
         PrunedExactIndex(bank, dims=0)
     with pytest.raises(ValueError, match="queries must be"):
