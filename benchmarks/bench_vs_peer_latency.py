@@ -22,7 +22,8 @@ re-scoring bound holds), and pcedge's and the peer's scores rank the test images
     python benchmarks/bench_vs_peer_latency.py            # ~6 min on 2 idle cores, + exports on first run
     python benchmarks/bench_vs_peer_latency.py --precision int8   # skipped until the INT8 graph lands
 
-Writes ``results/vs_peer_latency.json`` and ``.md``. Needs the peer interpreter
+Writes ``results/vs_peer_latency.json`` and ``.md`` (``_int8`` / ``_t1`` suffixes for other precisions and
+thread counts). Needs the peer interpreter
 (``--peer-python``, env ``PCEDGE_PEER_PYTHON``, default ``/work/peer-venv/bin/python``) once, to export
 the peer's ONNX file into ``results/bundles/``; see ``benchmarks/requirements-peer.txt``.
 """
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     except PeerSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    suffix = ("" if args.precision == "fp32" else f"_{args.precision}") + ("" if args.threads == 2 else f"_t{args.threads}")
     write_json(args.out / f"vs_peer_latency{suffix}.json", bench)
     text = markdown(bench)
     write_text_atomic(args.out / f"vs_peer_latency{suffix}.md", text)
