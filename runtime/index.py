@@ -49,12 +49,14 @@ AUTO_CROSSOVER_N = 5000
 #: The HNSW ``ef`` that ``"auto"`` uses (when no ef is given and the bundle's is larger). The detector
 #: re-scores the decisive patches exactly (Scorer.patch_scores with PrunedExactIndex), so the image score is
 #: the exact index's at any ef; ef only sets how close the anomaly map's other patches come to their exact
-#: distances and how many patches the exact pass needs. Measured by benchmarks/bench_exact_levers.py
-#: (results/exact_levers.json; BSData 10 % bank, 11,760 x 152, real features, load average 6-9 on 2 cores):
-#: ef 32 / 16 / 8 / 4 / 1 -> hnswlib query of one image 32 / 16 / 7.1 / 7.7 / 4.4 ms (1 thread), recall@1
-#: 1.000 / 0.999 / 0.990 / 0.953 / 0.72, map patch scores above exact by 0.00 / 0.00 / 0.14 / 0.74 / 7.2 %
-#: on average, 16 / 16 / 16 / 16 / 27 patches re-scored, image score equal to the exact index's at every
-#: ef. 8 keeps the map within 0.2 % on average at a quarter of ef 32's query time.
+#: distances and how many patches the exact pass needs. Measured on BSData's 10 % bank (11,760 x 152, real
+#: features, 2 shared cores at load average 7-9; results/exact_levers.json, results/vs_peer_latency.json):
+#: ef 32 / 16 / 8 / 4 / 2 / 1 -> recall@1 1.000 / 0.998 / 0.989 / 0.959 / 0.887 / 0.756, map patch scores
+#: above exact by 0.00 / 0.01 / 0.09 / 0.52 / 1.8 / 5.5 % on average, 4.0 / 4.0 / 4.0 / 4.4 / 8.0 / 23.2
+#: patches re-scored, image score equal to the exact index's on 20/20 images at every ef; hnswlib's fastest
+#: query of 784 patches (1 thread) 19.4 / 9.6 / 6.4 / 4.5 / 3.6 / 3.0 ms. End to end (80 images, 3 rounds):
+#: ef 32 51.7 ms, ef 8 32.9 ms, ef 4 28.6 ms, the blocked exact index 71.9 ms. 8 keeps the map within
+#: 0.1 % on average at a third of ef 32's query time; ef 4 saves ~1 ms more for a 5x larger map error.
 AUTO_HNSW_EF = 8
 
 
@@ -215,9 +217,11 @@ class ExactIndex:
 # --------------------------------------------------------------------------------------------------
 
 #: Principal directions kept by :class:`PrunedExactIndex`. Measured on BSData's 10 % bank (11,760 x 152,
-#: real EfficientNet-Lite0 features; benchmarks/bench_exact_levers.py, results/exact_levers.json): the rows a
-#: re-scored top patch must still compare exactly fall from 11,760 to about 1,170 / 485 / 124 / 40 with
-#: 8 / 16 / 32 / 48 directions; 32 keeps the bound's product small (33 columns) and the survivors few.
+#: real EfficientNet-Lite0 features; benchmarks/bench_exact_levers.py, results/exact_levers.json, load
+#: average ~7 on 2 cores): rows still compared exactly per query 402 / 102 / 33 (16 top patches, k = 1) and
+#: 228 / 83 / 43 (Eq. 7's support, k = 9) with 16 / 32 / 48 directions; time 2.04 / 0.97 / 0.86 ms and
+#: 0.20 / 0.17 / 0.19 ms against the blocked product's 1.40 and 0.38 ms. 32 and 48 are within noise of
+#: each other; 32 keeps the stored bound (33 float32 per row) small.
 PRUNE_DIMS = 32
 
 #: Calls with more queries than this use the blocked product: the bound's ``[M, N]`` float64 matrix and
