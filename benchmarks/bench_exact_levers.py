@@ -36,6 +36,10 @@ from common import BSDATA, RESULTS, cached_bundle, load_average, machine_info, w
 
 from pcedge.runtime.files import write_text_atomic  # noqa: E402
 
+#: Threads of the bundle exports: cached_bundle keys its cache on them, so they stay fixed whatever
+#: --threads times with (a different value would re-export, and rebuild the HNSW graph in another order).
+EXPORT_THREADS = 2
+
 
 @dataclass
 class BlasRow:
@@ -117,7 +121,7 @@ def run(args) -> LeverBenchmark:
     from pcedge.runtime.index import ExactIndex, HnswIndex, PrunedExactIndex
     from pcedge.runtime.scoring import Scorer
 
-    bundle = cached_bundle("bsdata_coreset0.1", BSDATA, coreset=0.1, threads=args.threads).path
+    bundle = cached_bundle("bsdata_coreset0.1", BSDATA, coreset=0.1, threads=EXPORT_THREADS).path
     emb, bank = embeddings_of(bundle, args.images, args.threads)  # [I, P, D], [N, D]
     manifest = open_bundle(bundle, verify=False).manifest
     bench = LeverBenchmark(bank=list(bank.shape), n_images=len(emb), rounds=args.rounds, machine=machine_info())
