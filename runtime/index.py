@@ -226,8 +226,8 @@ class ExactIndex:
 #: each other; 32 keeps the stored bound (33 float32 per row) small.
 PRUNE_DIMS = 32
 
-#: Calls with more queries than this use the blocked product: the bound's ``[M, N]`` float64 matrix and
-#: per-query candidate lists cost more than the product itself once M approaches a whole image (784).
+#: Calls with more queries than this use the blocked product: the bound's ``[M, N]`` matrix, the boolean
+#: mask and the candidate lists cost as much as the product itself once M approaches a whole image (784).
 PRUNE_MAX_QUERIES = 64
 
 # Slack of the bound (why these numbers). The lifted vectors a = [z, rho] (|a| = |q'| exactly) are computed

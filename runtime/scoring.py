@@ -27,9 +27,10 @@ from .bundle import ScoringSpec
 
 #: Patches re-scored by the exact pass's first step; each further step takes twice as many (4, 8, 16, ...),
 #: so a pass needs O(log P) exact-index calls at most. Measured on BSData's 10 % bank with HNSW at ef 8
-#: (benchmarks/bench_exact_levers.py; 20 test images, load average ~8 on 2 cores): the maximum was proven
-#: after 1-2 patches in every image, and PrunedExactIndex answers 4 / 8 / 16 queries in 0.26 / 0.36 /
-#: 0.60 ms (the blocked product: 1.03 / 1.11 / 1.33 ms), so a small first step saves most of the pass.
+#: (20 test images, load average ~8 on 2 cores): the maximum was proven after 1-2 patches in every image;
+#: PrunedExactIndex answered 4 / 8 / 16 near-bank queries in 0.26 / 0.36 / 0.60 ms (25th percentile of 40
+#: calls; the blocked product 1.03 / 1.11 / 1.33 ms), so a small first step saves most of the pass
+#: (results/exact_levers.json has the index stage per ef with this schedule).
 RESCORE_FIRST_CHUNK = 4
 
 
