@@ -14,10 +14,12 @@ medians, milliseconds per image):
    exact index's, and how far the anomaly map's patch scores are above the exact ones (HNSW returns
    true distances to real rows, so only ever above).
 4. ``scoring``: Eq. 7 (``Scorer.image_score``) with the blocked vs the pruned exact index.
+5. ``map_accuracy``: what a lower ef costs the anomaly map: image / pixel AUROC and AUPRO over every BSData
+   test image through the detector with the exact index and with HNSW at ef 8 and 4 (+ exact re-scoring).
 
 Writes ``results/exact_levers.json`` and ``.md``.
 
-    python benchmarks/bench_exact_levers.py     # ~3 min on 2 idle cores once the bundle is cached
+    python benchmarks/bench_exact_levers.py     # ~5 min on 2 busy cores once the bundle is cached
 """
 
 from __future__ import annotations
@@ -78,6 +80,14 @@ class ScoringRow:
 
 
 @dataclass
+class MapAccuracyRow:
+    index: str  # "exact" or "hnsw ef N"
+    image_auroc: float
+    pixel_auroc: float
+    aupro: float
+
+
+@dataclass
 class LeverBenchmark:
     bank: list[int]
     n_images: int
@@ -88,6 +98,7 @@ class LeverBenchmark:
     pruned: list[PrunedRow] = field(default_factory=list)
     hnsw: list[HnswRow] = field(default_factory=list)
     scoring: list[ScoringRow] = field(default_factory=list)
+    map_accuracy: list[MapAccuracyRow] = field(default_factory=list)
 
 
 def timed(fn, items, rounds: int) -> float:
@@ -192,7 +203,34 @@ def run(args) -> LeverBenchmark:
             pairs = [(e, scorer.patch_scores(e[None])[0]) for e in images]
             bench.scoring.append(ScoringRow(name, timed(lambda pair: scorer.image_score(*pair), pairs, args.rounds)))
     bench.loadavg.append(load_average())
+    if not args.skip_map_accuracy:
+        bench.map_accuracy = map_accuracy(bundle, args.threads)
+        bench.loadavg.append(load_average())
     return bench
+
+
+def map_accuracy(bundle: Path, threads: int) -> list[MapAccuracyRow]:
+    """Image / pixel AUROC and AUPRO of every BSData test image with the exact index and HNSW at ef 8 and 4."""
+    from pcedge.runtime.detector import Detector, DetectorOptions
+    from pcedge.runtime.evaluation.accuracy import AccuracyAccumulator, SeenRegions
+    from pcedge.runtime.evaluation.dataset import load_category
+    from pcedge.runtime.preprocess import read_image
+
+    category = load_category(BSDATA)
+    rows = []
+    for name, index, ef in (("exact", "exact", None), ("hnsw ef 8", "hnsw", 8), ("hnsw ef 4", "hnsw", 4)):
+        acc = AccuracyAccumulator(256)  # pixel metrics at longer side <= 256, as bench_vs_peer.py
+        with Detector.open(bundle, DetectorOptions(backend="ort-cpu", index=index, ef=ef, threads=threads)) as detector:
+            seen = SeenRegions(detector.geometry)
+            for item in category.test:
+                frame = read_image(item.path)
+                result = detector.run_frames([frame], [str(item.path)])[0]
+                acc.add(item, result.score, result.anomaly_map, result.anomalous,
+                        seen(frame, str(item.path)) if item.is_anomalous else None)
+        m = acc.metrics()
+        rows.append(MapAccuracyRow(name, m.image_auroc, m.pixel_auroc, m.aupro))
+        print(f"map accuracy {name}: image {m.image_auroc:.4f} pixel {m.pixel_auroc:.4f} aupro {m.aupro:.4f}", flush=True)
+    return rows
 
 
 def markdown(bench: LeverBenchmark) -> str:
@@ -214,6 +252,11 @@ def markdown(bench: LeverBenchmark) -> str:
               f"{100 * r.map_max_excess:.1f} % |" for r in bench.hnsw]
     lines += ["", "## 4. Eq. 7 (support lookup N_b(m*) and the weight)", "", "| exact index | ms |", "|---|---:|"]
     lines += [f"| {r.method} | {r.eq7_ms:.3f} |" for r in bench.scoring]
+    if bench.map_accuracy:
+        lines += ["", "## 5. Map accuracy per index (all test images, percent)", "",
+                  "| index | image AUROC | pixel AUROC | AUPRO@0.3 |", "|---|---:|---:|---:|"]
+        lines += [f"| {r.index} | {100 * r.image_auroc:.2f} | {100 * r.pixel_auroc:.2f} | {100 * r.aupro:.2f} |"
+                  for r in bench.map_accuracy]
     lines.append("")
     return "\n".join(lines)
 
@@ -223,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=20, help="test images (spread over good and pitting)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the embeddings")
+    parser.add_argument("--skip-map-accuracy", action="store_true", help="skip section 5 (about 2 min)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.images < 1 or args.rounds < 1:

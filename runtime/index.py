@@ -56,10 +56,9 @@ AUTO_CROSSOVER_N = 5000
 #: patches re-scored, image score equal to the exact index's on 20/20 images at every ef; hnswlib's fastest
 #: query of 784 patches (1 thread) 19.4 / 9.6 / 6.4 / 4.5 / 3.6 / 3.0 ms. End to end (80 images, 3 rounds,
 #: median p50, load 3.2-4.2): ef 32 36.5 ms, ef 8 33.5 ms, ef 4 21.6 ms, the blocked exact index 55.2 ms
-#: (earlier runs, load 5.4-6.4: 39.9 / 24.7 / 22.0 / 47.7 ms; load 7-9: 51.7 / 32.9 / 28.6 / 71.9 ms). Over
-#: all 80 test images the
-#: map's metrics barely move: pixel AUROC 98.25 / 98.25 / 98.23 %, AUPRO 68.80 / 68.74 / 68.62 % (exact /
-#: ef 8 / ef 4), image AUROC identical. ef 4 is the fastest configuration with exact image scores; below it
+#: (earlier runs, load 5.4-6.4: 39.9 / 24.7 / 22.0 / 47.7 ms; load 7-9: 51.7 / 32.9 / 28.6 / 71.9 ms).
+#: Over all 80 test images the map's metrics barely move (results/exact_levers.json, "map accuracy"): pixel
+#: AUROC 98.25 / 98.25 / 98.23 %, AUPRO 68.80 / 68.74 / 68.62 % (exact / ef 8 / ef 4), image AUROC identical. ef 4 is the fastest configuration with exact image scores; below it
 #: the re-scoring pass grows (8 patches at ef 2, 23 at ef 1) and the map drifts (1.8 %, 5.5 %).
 AUTO_HNSW_EF = 4
 
