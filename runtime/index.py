@@ -50,16 +50,17 @@ AUTO_CROSSOVER_N = 5000
 #: re-scores the decisive patches exactly (Scorer.patch_scores with PrunedExactIndex), so the image score is
 #: the exact index's at any ef; ef only sets how close the anomaly map's other patches come to their exact
 #: distances and how many patches the exact pass needs. Measured on BSData's 10 % bank (11,760 x 152, real
-#: features, 2 shared cores at load average 7-9; results/exact_levers.json, results/vs_peer_latency.json):
-#: ef 32 / 16 / 8 / 4 / 2 / 1 -> recall@1 1.000 / 0.998 / 0.989 / 0.959 / 0.887 / 0.756, map patch scores
-#: above exact by 0.00 / 0.01 / 0.09 / 0.52 / 1.8 / 5.5 % on average, 4.0 / 4.0 / 4.0 / 4.4 / 8.0 / 23.2
-#: patches re-scored, image score equal to the exact index's on 20/20 images at every ef; hnswlib's fastest
-#: query of 784 patches (1 thread) 19.4 / 9.6 / 6.4 / 4.5 / 3.6 / 3.0 ms. End to end (80 images, 3 rounds,
-#: median p50, load 3.2-4.2): ef 32 36.5 ms, ef 8 33.5 ms, ef 4 21.6 ms, the blocked exact index 55.2 ms
-#: (earlier runs, load 5.4-6.4: 39.9 / 24.7 / 22.0 / 47.7 ms; load 7-9: 51.7 / 32.9 / 28.6 / 71.9 ms).
-#: Over all 80 test images the map's metrics barely move (results/exact_levers.json, "map accuracy"): pixel
-#: AUROC 98.25 / 98.25 / 98.23 %, AUPRO 68.80 / 68.74 / 68.62 % (exact / ef 8 / ef 4), image AUROC identical. ef 4 is the fastest configuration with exact image scores; below it
-#: the re-scoring pass grows (8 patches at ef 2, 23 at ef 1) and the map drifts (1.8 %, 5.5 %).
+#: features, 20 test images, 1 thread, load average ~4.7 on 2 shared cores; results/exact_levers.json):
+#: ef 32 / 16 / 8 / 4 / 2 / 1 -> index stage (hnswlib + exact re-scoring) 13.5 / 8.5 / 5.8 / 4.5 / 3.9 / 4.3 ms,
+#: recall@1 1.000 / 0.998 / 0.989 / 0.959 / 0.887 / 0.756, map patch scores above exact by 0.00 / 0.01 /
+#: 0.09 / 0.52 / 1.8 / 5.5 % on average, 4.0 / 4.0 / 4.0 / 4.4 / 8.0 / 23.2 patches re-scored, image score
+#: equal to the exact index's on 20/20 images at every ef (2 threads were no faster on the shared cores).
+#: Over all 80 test images the map's metrics barely move: pixel AUROC 98.25 / 98.25 / 98.23 %, AUPRO
+#: 68.80 / 68.74 / 68.62 % (exact / ef 8 / ef 4), image AUROC identical. End to end (results/
+#: vs_peer_latency.json, 80 images, median p50, load 3.2-4.2): ef 32 36.5 ms, ef 8 33.5 ms, ef 4 21.6 ms,
+#: the blocked exact index 55.2 ms. ef 4 is the smallest ef whose map stays within ~0.5 % of exact on
+#: average; ef 2 saved another 0.6 ms of index stage but tripled that (1.8 %), and at ef 1 the re-scoring
+#: pass grows (23 patches) so it is slower again.
 AUTO_HNSW_EF = 4
 
 
@@ -221,10 +222,10 @@ class ExactIndex:
 
 #: Principal directions kept by :class:`PrunedExactIndex`. Measured on BSData's 10 % bank (11,760 x 152,
 #: real EfficientNet-Lite0 features; benchmarks/bench_exact_levers.py, results/exact_levers.json, load
-#: average ~7 on 2 cores): rows still compared exactly per query 402 / 102 / 33 (16 top patches, k = 1) and
-#: 228 / 83 / 43 (Eq. 7's support, k = 9) with 16 / 32 / 48 directions; time 2.04 / 0.97 / 0.86 ms and
-#: 0.20 / 0.17 / 0.19 ms against the blocked product's 1.40 and 0.38 ms. 32 and 48 are within noise of
-#: each other; 32 keeps the stored bound (33 float32 per row) small.
+#: average ~4.9 on 2 shared cores): rows still compared exactly per query 402 / 102 / 33 (16 top patches,
+#: k = 1) and 228 / 83 / 43 (Eq. 7's support, k = 9) with 16 / 32 / 48 directions; time 1.82 / 0.94 /
+#: 0.81 ms and 0.21 / 0.17 / 0.20 ms against the blocked product's 1.36 and 0.38 ms. 32 and 48 are within
+#: noise of each other; 32 keeps the stored bound (33 float32 per row) small.
 PRUNE_DIMS = 32
 
 #: Calls with more queries than this use the blocked product: the bound's ``[M, N]`` matrix, the boolean
