@@ -20,7 +20,7 @@ import numpy as np
 
 from .backends import Backend, open_backend
 from .bundle import Bundle, Manifest, open_bundle
-from .index import ExactIndex, make_index
+from .index import PrunedExactIndex, make_index
 from .preprocess import InputBuffers, Placement, read_image
 from .scoring import Scorer, normalise
 
@@ -100,7 +100,7 @@ class Detector:
         self.options = options
         self.backend = backend
         self.bank = bundle.load_memory_bank()  # [N, D]
-        self.exact = ExactIndex(self.bank)
+        self.exact = PrunedExactIndex(self.bank)  # exact; prunes the few-query calls (re-scoring, Eq. 7)
         self.index = make_index(
             options.index, self.bank, self.manifest.index, bundle.index_path, ef=options.ef, threads=options.threads
         )

@@ -46,6 +46,23 @@ INDEX_KINDS = ("exact", "hnsw", "auto")
 #: threads). Near the crossover both take the same time and exact loses no recall, so ties go to exact.
 AUTO_CROSSOVER_N = 5000
 
+#: The HNSW ``ef`` that ``"auto"`` uses (when no ef is given and the bundle's is larger). The detector
+#: re-scores the decisive patches exactly (Scorer.patch_scores with PrunedExactIndex), so the image score is
+#: the exact index's at any ef; ef only sets how close the anomaly map's other patches come to their exact
+#: distances and how many patches the exact pass needs. Measured on BSData's 10 % bank (11,760 x 152, real
+#: features, 20 test images, 1 thread, load average ~4.7 on 2 shared cores; results/exact_levers.json):
+#: ef 32 / 16 / 8 / 4 / 2 / 1 -> index stage (hnswlib + exact re-scoring) 13.5 / 8.5 / 5.8 / 4.5 / 3.9 / 4.3 ms,
+#: recall@1 1.000 / 0.998 / 0.989 / 0.959 / 0.887 / 0.756, map patch scores above exact by 0.00 / 0.01 /
+#: 0.09 / 0.52 / 1.8 / 5.5 % on average, 4.0 / 4.0 / 4.0 / 4.4 / 8.0 / 23.2 patches re-scored, image score
+#: equal to the exact index's on 20/20 images at every ef (2 threads were no faster on the shared cores).
+#: Over all 80 test images the map's metrics barely move: pixel AUROC 98.25 / 98.25 / 98.23 %, AUPRO
+#: 68.80 / 68.74 / 68.62 % (exact / ef 8 / ef 4), image AUROC identical. End to end (results/
+#: vs_peer_latency.json, 80 images, median p50, load 3.2-4.2): ef 32 36.5 ms, ef 8 33.5 ms, ef 4 21.6 ms,
+#: the blocked exact index 55.2 ms. ef 4 is the smallest ef whose map stays within ~0.5 % of exact on
+#: average; ef 2 saved another 0.6 ms of index stage but tripled that (1.8 %), and at ef 1 the re-scoring
+#: pass grows (23 patches) so it is slower again.
+AUTO_HNSW_EF = 4
+
 
 @runtime_checkable
 class Index(Protocol):
@@ -197,6 +214,136 @@ class ExactIndex:
             best_val, best_ids = val, idx
         assert best_ids is not None and best_ids.shape[1] == k  # k <= n was checked
         return best_ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact search for a few queries: a projection lower bound prunes the bank
+# --------------------------------------------------------------------------------------------------
+
+#: Principal directions kept by :class:`PrunedExactIndex`. Measured on BSData's 10 % bank (11,760 x 152,
+#: real EfficientNet-Lite0 features; benchmarks/bench_exact_levers.py, results/exact_levers.json, load
+#: average ~4.9 on 2 shared cores): rows still compared exactly per query 402 / 102 / 33 (16 top patches,
+#: k = 1) and 228 / 83 / 43 (Eq. 7's support, k = 9) with 16 / 32 / 48 directions; time 1.82 / 0.94 /
+#: 0.81 ms and 0.21 / 0.17 / 0.20 ms against the blocked product's 1.36 and 0.38 ms. 32 and 48 are within
+#: noise of each other; 32 keeps the stored bound (33 float32 per row) small.
+PRUNE_DIMS = 32
+
+#: Calls with more queries than this use the blocked product: the bound's ``[M, N]`` matrix, the boolean
+#: mask and the candidate lists cost as much as the product itself once M approaches a whole image (784).
+PRUNE_MAX_QUERIES = 64
+
+# Slack of the bound (why these numbers). The lifted vectors a = [z, rho] (|a| = |q'| exactly) are computed
+# in float64 and stored in float32 (relative error u = 2^-24 per coordinate), then the bound's expanded form
+# |a|^2 + |b|^2 - 2 a.b is evaluated in float32 over n = r + 3 <= 67 terms. Rounding the vectors moves the
+# squared distance by at most 4u (|a|^2 + |b|^2); the float32 evaluation by at most 2 gamma_n (|a|^2 + |b|^2)
+# with gamma_n = n u / (1 - n u) (Higham, any summation order, FMA or not): 8.2e-6 for r = 32, 1.6e-5 for
+# n = 67; the float64 lift itself (the residual's cancellation) adds under 2e-7. 4e-5 (|q'|^2 + |x'|^2) covers
+# the total for every r <= 64 with a margin. The candidates' distances come from exact_distances in
+# float32: a sum of D <= 2048 squares is within D u <= 1.3e-4 of the true squared distance (relative, any
+# order); 2e-4 covers it.
+_BOUND_SLACK = 4e-5
+_FLOAT32_DISTANCE_SLACK = 2e-4
+_MAX_PRUNE_DIMS = 64
+
+#: Largest ``[M, N]`` bound matrix a call builds (16 MiB of float32, as the blocked product's k = 1 tile);
+#: bigger calls (many queries on a very large bank) use the blocked product.
+_PRUNE_MAX_BOUND_ENTRIES = 1 << 22
+
+
+class PrunedExactIndex(ExactIndex):
+    """Exact k-NN that, for a few queries at a time, skips the bank rows a proven lower bound rules out.
+
+    For an orthonormal basis ``B [D, r]`` of the bank's first ``r`` principal directions and the bank mean
+    ``mu``, write ``q' = q - mu``, ``z(q) = B^T q'`` and the residual norm ``rho(q) = |q' - B z(q)|``. Then
+    (Pythagoras, then the reverse triangle inequality on the residuals)::
+
+        |q - x|^2 = |z(q) - z(x)|^2 + |(I - B B^T)(q' - x')|^2 >= |z(q) - z(x)|^2 + (rho(q) - rho(x))^2
+
+    i.e. the squared distance between the ``r + 1``-dimensional vectors ``[z, rho]`` is a lower bound of the
+    true squared distance. A query first takes the ``k`` rows of smallest bound, computes their exact
+    distances (an upper bound ``u`` of its k-th neighbour's distance, as they are real rows), and then
+    computes exact distances only for rows whose bound is below ``u`` (with the rounding slack above). No
+    row closer than the k-th neighbour can be skipped, so the result is the exact k-NN; distances come from
+    :func:`exact_distances`, as :class:`ExactIndex`'s do.
+
+    Calls with more than ``max_pruned_queries`` queries (a whole image), or whose ``[M, N]`` bound matrix
+    would exceed 16 MiB, use :class:`ExactIndex`'s blocked product. Memory: ``[r + 1, N]`` float32 (1.6 MB
+    for 11,760 rows, r = 32) and, per call, ``[M, N]`` float32 plus a boolean mask (M <= 64: 3.8 MB for
+    11,760 rows). Building costs one ``[D, D]`` scatter matrix (``N D^2`` flops), in chunks of 16k rows.
+    """
+
+    def __init__(self, bank: np.ndarray, dims: int = PRUNE_DIMS, max_pruned_queries: int = PRUNE_MAX_QUERIES,
+                 block: int = 4096, query_block: int = 1024):
+        super().__init__(bank, block=block, query_block=query_block)
+        if not 1 <= dims <= _MAX_PRUNE_DIMS or max_pruned_queries < 0:
+            raise ValueError(f"dims must be in [1, {_MAX_PRUNE_DIMS}] (the slack is proven up to there) and "
+                             f"max_pruned_queries >= 0, got {dims}, {max_pruned_queries}")
+        self.dims = min(int(dims), self.dim)
+        self.max_pruned_queries = int(max_pruned_queries)
+        self._mean = self.bank.sum(axis=0, dtype=np.float64) / self.n  # [D]
+        scatter = np.zeros((self.dim, self.dim))
+        for centred in self._centred_chunks():
+            scatter += centred.T @ centred
+        # Principal directions: eigenvectors of the scatter matrix, largest eigenvalue first. eigh returns
+        # orthonormal columns to float64 rounding, which the bound needs (any orthonormal B gives a valid
+        # bound; the principal ones make it tight).
+        _, vectors = np.linalg.eigh(scatter)
+        self._basis = np.ascontiguousarray(vectors[:, ::-1][:, : self.dims])  # [D, r]
+        # -2 a_x in float32 (the product's right side) and |a_x|^2 minus the slack: one [M, N] product and two
+        # broadcast adds give the bound. Scaling by -2 is exact in binary floating point.
+        self._bank_lifted_minus2 = np.empty((self.dims + 1, self.n), dtype=np.float32)  # [r + 1, N]
+        self._bank_term = np.empty(self.n, dtype=np.float32)  # [N]
+        start = 0
+        for centred in self._centred_chunks():
+            stop = start + centred.shape[0]
+            self._bank_lifted_minus2[:, start:stop] = (-2.0 * self._lift(centred)).T
+            self._bank_term[start:stop] = (1.0 - _BOUND_SLACK) * np.einsum("nd,nd->n", centred, centred)
+            start = stop
+        self.note = (f"exact index over {self.n} x {self.dim} bank (blocked matrix product; calls of up to "
+                     f"{self.max_pruned_queries} queries pruned by a {self.dims}-direction projection bound)")
+
+    def _centred_chunks(self, rows: int = 16384):
+        """The bank minus its mean in float64, ``[<= rows, D]`` at a time (no bank-sized float64 copy)."""
+        for start in range(0, self.n, rows):
+            yield self.bank[start : start + rows].astype(np.float64) - self._mean
+
+    def _lift(self, centred: np.ndarray) -> np.ndarray:
+        """``[M, D]`` float64 centred vectors -> ``[M, r + 1]``: principal coordinates, residual norm."""
+        z = centred @ self._basis
+        residual_sq = np.einsum("md,md->m", centred, centred) - np.einsum("mr,mr->m", z, z)
+        return np.hstack([z, np.sqrt(np.maximum(residual_sq, 0.0))[:, None]])
+
+    def lower_bounds_sq(self, q: np.ndarray) -> np.ndarray:
+        """``q [M, D]`` -> ``[M, N]`` float32 lower bounds of the squared distances, rounding slack deducted."""
+        centred = q.astype(np.float64) - self._mean
+        lifted = self._lift(centred).astype(np.float32)  # [M, r + 1]
+        bound = lifted @ self._bank_lifted_minus2  # [M, N]
+        # |a_q|^2 = |q'|^2 (the lift keeps the norm), taken from q' directly, slack deducted.
+        bound += ((1.0 - _BOUND_SLACK) * np.einsum("md,md->m", centred, centred)).astype(np.float32)[:, None]
+        bound += self._bank_term
+        return bound
+
+    def query(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``q [M, D]`` float32 -> ``(distances [M, k] float32 ascending, ids [M, k] int64)``, exact."""
+        q = _check_query(q, k, self.n, self.dim)
+        if q.shape[0] > self.max_pruned_queries or q.shape[0] * self.n > _PRUNE_MAX_BOUND_ENTRIES or k == self.n:
+            return super().query(q, k)
+        m = q.shape[0]
+        bound = self.lower_bounds_sq(q)  # [M, N]
+        if k == 1:  # argmin is one pass; argpartition would allocate an int64 [M, N]
+            first = np.argmin(bound, axis=1)[:, None]
+        else:
+            first = np.argpartition(bound, k - 1, axis=1)[:, :k]  # [M, k] starting candidates
+        upper = exact_distances(q, self.bank, first).max(axis=1).astype(np.float64)  # >= the k-th NN distance
+        keep = bound <= (upper * upper * (1.0 + _FLOAT32_DISTANCE_SLACK)).astype(np.float32)[:, None]
+        keep[np.arange(m)[:, None], first] = True  # the starters always stay (k candidates at least)
+        rows, cols = np.nonzero(keep)
+        diff = self.bank[cols] - q[rows]  # [C, D] float32, C = surviving (query, row) pairs
+        dist = np.sqrt(np.einsum("cd,cd->c", diff, diff, dtype=np.float32))
+        order = np.lexsort((cols, dist, rows))  # by query, then distance, then row (ties: lower row first)
+        rows, cols, dist = rows[order], cols[order], dist[order]
+        take = np.searchsorted(rows, np.arange(m))[:, None] + np.arange(k)  # [M, k]
+        return dist[take], cols[take].astype(np.int64, copy=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,7 +569,9 @@ def make_index(
     - ``"hnsw"``: :class:`HnswIndex` loaded from ``index_path`` if that file exists and validates, else
       built from the bank with ``spec``'s parameters (a warning, also in the index's ``note``; the bundle
       is not modified). ``ef`` defaults to ``spec.ef``; ``threads`` defaults to all cores.
-    - ``"auto"``: exact below :data:`AUTO_CROSSOVER_N` bank rows (faster there), hnsw from it up.
+    - ``"auto"``: exact below :data:`AUTO_CROSSOVER_N` bank rows (faster there), hnsw from it up, with
+      ``ef`` (when not given) ``min(spec.ef, AUTO_HNSW_EF)``: the detector's exact re-scoring keeps the
+      image score exact at that ef.
 
     ``threads`` applies to hnsw only (the exact index uses numpy's process-wide BLAS pool).
     """
@@ -431,9 +580,11 @@ def make_index(
     if kind == "auto":
         kind = "exact" if np.shape(bank)[0] < AUTO_CROSSOVER_N else "hnsw"
         n = np.shape(bank)[0]
+        if kind == "hnsw" and ef is None:
+            ef = min(spec.ef, AUTO_HNSW_EF)
         log.info("index auto: bank of %d rows -> %s (crossover %d)", n, kind, AUTO_CROSSOVER_N)
         chosen = make_index(kind, bank, spec, index_path, ef=ef, threads=threads)
-        chosen.note = f"auto ({n} rows, crossover {AUTO_CROSSOVER_N}): {chosen.note}"
+        chosen.note = f"auto ({n} rows, crossover {AUTO_CROSSOVER_N}{f', ef {ef}' if kind == 'hnsw' else ''}): {chosen.note}"
         return chosen
     if kind == "exact":
         return ExactIndex(bank)
@@ -456,11 +607,13 @@ def make_index(
 
 __all__ = [
     "AUTO_CROSSOVER_N",
+    "AUTO_HNSW_EF",
     "INDEX_KINDS",
     "ExactIndex",
     "HnswIndex",
     "Index",
     "IndexFileError",
+    "PrunedExactIndex",
     "exact_distances",
     "make_index",
     "read_hnsw_header",

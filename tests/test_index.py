@@ -16,10 +16,12 @@ import pytest
 from pcedge.runtime.bundle import Geometry, IndexSpec
 from pcedge.runtime.index import (
     AUTO_CROSSOVER_N,
+    AUTO_HNSW_EF,
     ExactIndex,
     HnswIndex,
     Index,
     IndexFileError,
+    PrunedExactIndex,
     exact_distances,
     make_index,
 )
@@ -256,9 +258,128 @@ def test_make_index_auto_switches_at_the_crossover(screw):
     large = make_index("auto", np.ascontiguousarray(bank[:AUTO_CROSSOVER_N]), IndexSpec(), None)
     assert small.kind == "exact" and "auto" in small.note
     assert large.kind == "hnsw" and "auto" in large.note
+    # auto lowers ef to AUTO_HNSW_EF (the detector re-scores exactly); an explicit ef or a smaller bundle ef wins
+    assert large.ef == min(IndexSpec().ef, AUTO_HNSW_EF) and f"ef {large.ef}" in large.note
+    assert make_index("auto", bank, IndexSpec(), None, ef=40).ef == 40
+    assert make_index("auto", bank, IndexSpec(ef=3), None).ef == 3
 
 
 def test_make_index_unknown_kind(screw):
     bank, _ = screw
     with pytest.raises(ValueError, match="unknown index kind 'faiss'.*exact, hnsw, auto"):
         make_index("faiss", bank, IndexSpec(), None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pruned exact index (projection lower bound)
+# --------------------------------------------------------------------------------------------------
+
+
+def assert_exact_knn(bank: np.ndarray, queries: np.ndarray, distances: np.ndarray, ids: np.ndarray, k: int) -> None:
+    """The returned ids are k distinct rows whose distances are the k smallest, up to float32 rounding of
+    the difference form (relative 1e-5), and the distances are those of the ids."""
+    reference = brute_force(bank, queries)
+    expected = np.sort(reference, axis=1)[:, :k]
+    assert distances.shape == ids.shape == (len(queries), k)
+    assert distances.dtype == np.float32 and ids.dtype == np.int64
+    np.testing.assert_allclose(distances, np.take_along_axis(reference, ids, axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(distances, expected, rtol=1e-5, atol=1e-6)
+    assert (np.diff(distances, axis=1) >= 0).all()
+    assert all(len(set(row)) == k for row in ids.tolist())
+
+
+@pytest.mark.parametrize("k", [1, 9])
+@pytest.mark.parametrize("dataset", ["screw", "pcb"])
+def test_pruned_matches_brute_force_and_the_blocked_product(dataset, k, request):
+    bank, queries = request.getfixturevalue(dataset)
+    pruned, blocked = PrunedExactIndex(bank), ExactIndex(bank)
+    # The re-scoring pass's shape: 16 patches, the farthest ones (where a bad bound would show), and Eq. 7's
+    # single query from a bank row (its own nearest neighbour at distance 0).
+    far = np.argsort(-blocked.query(queries, 1)[0][:, 0])[:16]
+    for q in (np.ascontiguousarray(queries[far]), np.ascontiguousarray(queries[::97][:64]), bank[5:6].copy()):
+        assert len(q) <= pruned.max_pruned_queries  # the pruned path, not the delegation
+        distances, ids = pruned.query(q, k)
+        assert_exact_knn(bank, q, distances, ids, k)
+        blocked_d, _ = blocked.query(q, k)
+        np.testing.assert_allclose(distances, blocked_d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dataset", ["screw", "pcb"])
+def test_projection_bound_is_below_every_true_distance(dataset, request):
+    bank, queries = request.getfixturevalue(dataset)
+    for dims in (1, 8, 32, 64):
+        index = PrunedExactIndex(bank, dims=dims)
+        q = np.ascontiguousarray(queries[::53][:64])
+        assert (index.lower_bounds_sq(q) <= brute_force(bank, q) ** 2).all()
+
+
+def _adversarial_banks(rng: np.random.Generator):
+    """(name, bank [N, D], queries [M, D]) float32 cases built to stress the bound."""
+    d = 152
+    iso = rng.normal(size=(3000, d)).astype(np.float32)  # no dominant directions: the bound is loose
+    yield "isotropic", iso, rng.normal(size=(40, d)).astype(np.float32)
+    # Variance in a few directions, queries differing only in the dropped ones (the residual term decides).
+    flat = np.zeros((2000, d), np.float32)
+    flat[:, :4] = rng.normal(scale=100.0, size=(2000, 4))
+    flat[:, 4:] = rng.normal(scale=1e-3, size=(2000, d - 4))
+    q = flat[rng.choice(2000, 30)] + np.concatenate([np.zeros((30, 4)), rng.normal(scale=0.5, size=(30, d - 4))], 1)
+    yield "low-rank", flat, q.astype(np.float32)
+    # Far from the origin: |q'| is large against the distances, where cancellation would bite.
+    offset = (rng.normal(size=(2000, d)) * 0.01 + 1000.0).astype(np.float32)
+    yield "offset", offset, (offset[rng.choice(2000, 30)] + rng.normal(scale=0.01, size=(30, d))).astype(np.float32)
+    # Duplicates and exact hits: ties and zero distances.
+    base = rng.normal(size=(500, d)).astype(np.float32)
+    dup = np.concatenate([base, base, base[:100]])
+    yield "duplicates", dup, np.concatenate([base[:20], base[:20] + np.float32(1e-4)])
+    # Non-negative sparse features (post-ReLU-like), many exact zeros.
+    sparse = np.maximum(rng.normal(size=(2500, d)), 0).astype(np.float32) * (rng.random((2500, d)) < 0.1)
+    yield "sparse", sparse.astype(np.float32), sparse[rng.choice(2500, 30)] + np.float32(0.05)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pruned_is_exact_on_adversarial_data(seed):
+    rng = np.random.default_rng(seed)
+    for name, bank, queries in _adversarial_banks(rng):
+        for dims in (1, 16, 64):
+            index = PrunedExactIndex(np.ascontiguousarray(bank), dims=dims)
+            assert (index.lower_bounds_sq(queries) <= brute_force(bank, queries) ** 2).all(), (name, dims)
+            for k in (1, 5):
+                distances, ids = index.query(np.ascontiguousarray(queries), k)
+                assert_exact_knn(bank, queries, distances, ids, k)
+
+
+def test_pruned_delegates_many_queries_to_the_blocked_product(screw):
+    bank, queries = screw
+    pruned, blocked = PrunedExactIndex(bank, max_pruned_queries=8), ExactIndex(bank)
+    for got, want in zip(pruned.query(queries[:300], 3), blocked.query(queries[:300], 3)):
+        np.testing.assert_array_equal(got, want)  # the same code path, bit for bit
+    # a bound matrix above 16 MiB (here 500 x 9408 float32) also goes to the blocked product
+    roomy = PrunedExactIndex(bank, max_pruned_queries=1000)
+    for got, want in zip(roomy.query(queries[:500], 1), blocked.query(queries[:500], 1)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="dims must be in"):
+        PrunedExactIndex(bank, dims=0)
+    with pytest.raises(ValueError, match="queries must be"):
+        pruned.query(queries[:4, :10], 1)
+
+
+def test_hnsw_at_ef_1_with_pruned_rescoring_gives_the_exact_image_scores(screw, screw_hnsw):
+    """The detector's fast path: HNSW at the smallest ef, exact re-scoring and Eq. 7 through the pruned
+    index; image scores (s* and Eq. 7) must equal those of the blocked exact index bit for bit."""
+    from pcedge.runtime.bundle import ScoringSpec
+    from pcedge.runtime.scoring import Scorer
+
+    bank, queries = screw
+    embeddings = queries.reshape(2, 784, DIM)
+    blocked, pruned = ExactIndex(bank), PrunedExactIndex(bank)
+    reference = Scorer(bank, blocked, blocked, ScoringSpec())
+    saved = screw_hnsw.ef
+    try:
+        screw_hnsw.ef = 1
+        fast = Scorer(bank, screw_hnsw, pruned, ScoringSpec())
+        for b, (mine, theirs) in enumerate(zip(fast.patch_scores(embeddings), reference.patch_scores(embeddings))):
+            assert mine.n_rescored >= 1
+            want, got = reference.image_score(embeddings[b], theirs), fast.image_score(embeddings[b], mine)
+            assert (got.s_star, got.score, got.patch) == (want.s_star, want.score, want.patch)
+    finally:
+        screw_hnsw.ef = saved
