@@ -13,6 +13,8 @@ the activation ranges read by one of :data:`CALIBRATIONS`. The interface stays t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 from dataclasses import dataclass
