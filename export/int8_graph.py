@@ -115,15 +115,36 @@ def write_int8_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], i
     return len(keep_float)
 
 
+#: Histogram calibrators' settings, per method. ONNX Runtime's entropy default (128 bins for 128 quantised
+#: bins) leaves the KL search a single candidate, the full range, i.e. MinMax again (measured: identical
+#: scales on BSData); TensorRT's entropy calibrator histograms 2048 bins into 128, as here. The percentile
+#: settings are ONNX Runtime's defaults (2048 bins, 99.999th percentile of |x|).
+_CALIBRATOR_OPTIONS = {
+    "minmax": {"symmetric": True},
+    "entropy": {"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128},
+    "percentile": {"symmetric": True, "num_bins": 2048, "percentile": 99.999},
+}
+
+
 def _quantise(prepared: Path, quantised: Path, reader: _ImageReader, settings: Int8Settings,
               keep_float: list[str]) -> None:
-    """ONNX Runtime's static QDQ quantiser with the settings TensorRT's explicit quantisation needs."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    """Read the activation ranges with ``settings.calibration``, then ONNX Runtime's static QDQ quantiser with
+    the settings TensorRT's explicit quantisation needs."""
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, create_calibrator,
+                                          quantize_static, save_tensors_data)
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[settings.calibration]
+    # The calibrator is run here rather than inside quantize_static, whose options cannot set the
+    # histogram's bins; its ranges reach the quantiser through ONNX Runtime's calibration cache file.
+    calibrator = create_calibrator(prepared, list(settings.ops), augmented_model_path=str(quantised.parent / "augmented.onnx"),
+                                   calibrate_method=method, extra_options=_CALIBRATOR_OPTIONS[settings.calibration])
+    calibrator.collect_data(reader)
+    cache = quantised.parent / "ranges.json"
+    save_tensors_data(calibrator.compute_data(), cache)
+    del calibrator
     quantize_static(
-        str(prepared), str(quantised), reader,
+        str(prepared), str(quantised), None,
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=list(settings.ops),
         per_channel=True,
@@ -131,6 +152,7 @@ def _quantise(prepared: Path, quantised: Path, reader: _ImageReader, settings: I
         weight_type=QuantType.QInt8,
         calibrate_method=method,
         nodes_to_exclude=keep_float,
+        calibration_cache_path=str(cache),
         extra_options={
             # TensorRT's explicit quantisation: zero point 0 for activations and weights.
             "ActivationSymmetric": True,
