@@ -10,7 +10,10 @@ For BSData (all 150 training images) and DeepPCB (a seeded 200-image training su
   95 % interval of the change), pixel AUROC, AUPRO, and the relative image-score change of the test set's
   good images (the gate's quantity on images no bank has seen). This measurement chooses the default method.
 - record the export's own gate figures (the bundle's ``model.int8``);
-- time the backbone graph alone on ONNX Runtime CPU, float32 against the default INT8 graph, batch 1,
+- the same for the default method with every convolution quantised (the stem and depthwise ones too),
+  the evidence for leaving those float;
+- time the backbone graph alone on ONNX Runtime CPU, float32 against the default INT8 graph (and the
+  all-convolutions one), batch 1,
   ``--runs`` timed calls after a warm-up, with the runtime's session options, at 1 thread and at all cores;
   the load average before and after is recorded (this machine is shared: re-run on a quiet one).
 
@@ -69,6 +72,16 @@ class LatencyRow:
 
 
 @dataclass
+class OpTimes:
+    """ONNX Runtime's own profile of one graph (1 thread, batch 1): kernel time per op type, ms per run."""
+
+    graph: str
+    runs: int
+    ms_per_op: dict[str, float]
+    nodes_per_op: dict[str, int]  # after ONNX Runtime's graph optimisations (e.g. QDQ -> QLinearConv fusion)
+
+
+@dataclass
 class Report:
     machine: object
     methods: list[str]
@@ -78,6 +91,7 @@ class Report:
     gate: dict[str, object] = field(default_factory=dict)  # dataset -> the bundle's Int8Report
     latency: list[LatencyRow] = field(default_factory=list)
     latency_bundle: str = ""
+    op_times: list[OpTimes] = field(default_factory=list)
     loadavg_start: list[float] = field(default_factory=list)
     loadavg_end: list[float] = field(default_factory=list)
     seconds: float = 0.0
@@ -125,6 +139,34 @@ def time_graph(graph: Path, threads: int, runs: int, warmup: int = 20) -> Latenc
                       before, load_average())
 
 
+def profile_ops(graph: Path, runs: int = 50) -> OpTimes:
+    """Where the time goes inside ``graph``: ONNX Runtime's profiler, 1 thread, batch 1."""
+    import json
+    import os
+    from collections import Counter
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(BUNDLES / "int8" / "profile")
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+    for _ in range(runs):
+        session.run(None, {session.get_inputs()[0].name: x})
+    path = session.end_profiling()
+    events = json.loads(Path(path).read_text())
+    os.remove(path)
+    micros, count = Counter(), Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            micros[event["args"]["op_name"]] += event["dur"]
+            count[event["args"]["op_name"]] += 1
+    return OpTimes(graph.name, runs, {op: us / runs / 1e3 for op, us in micros.most_common()},
+                   {op: n // runs for op, n in count.items()})
+
+
 def bench_dataset(report: Report, name: str, data: Path, category_root: Path, fresh: bool, threads: int) -> Path:
     from pcedge.export.fit import ExportConfig
     from pcedge.export.int8_graph import Int8Settings, write_int8_graph
@@ -146,18 +188,25 @@ def bench_dataset(report: Report, name: str, data: Path, category_root: Path, fr
     images = calibration_images(m, data, defaults.int8_images, defaults.seed)
     folder = BUNDLES / "int8" / name
     folder.mkdir(parents=True, exist_ok=True)
-    for method in report.methods:
-        graph = folder / f"model_int8_{method}.onnx"
+    from pcedge.export.int8_graph import DEFAULT_CALIBRATION
+
+    # Every method with the default placement (stem and depthwise convolutions float), and the default
+    # method with every convolution quantised: the placement decision's evidence.
+    variants = [(method, True) for method in report.methods] + [(DEFAULT_CALIBRATION, False)]
+    for method, keep_float in variants:
+        label = method if keep_float else f"{method}, all convs"
+        graph = folder / (f"model_int8_{method}.onnx" if keep_float else f"model_int8_{method}_all_convs.onnx")
         start = time.perf_counter()
-        write_int8_graph(bundle.model_path, graph, images, Int8Settings(calibration=method, n_images=images.shape[0]))
+        write_int8_graph(bundle.model_path, graph, images, Int8Settings(calibration=method, n_images=images.shape[0],
+                                                                        keep_float_convs=keep_float))
         seconds = time.perf_counter() - start
-        log(f"{name}: int8 {method} (quantised in {seconds:.0f}s)")
+        log(f"{name}: int8 {label} (quantised in {seconds:.0f}s)")
         scored = evaluate(cached.path, graph, "int8", category, threads)
         s8 = np.array([r.score for r in scored.records])
         delta, ci = paired_auroc_delta(labels, s8, s32)
         rel = np.abs(s8 - s32) / np.maximum(np.abs(s32), 1e-30)
         report.accuracy.append(AccuracyRow(
-            name, "int8", method, scored.metrics.image_auroc, scored.metrics.pixel_auroc, scored.metrics.aupro,
+            name, "int8", label, scored.metrics.image_auroc, scored.metrics.pixel_auroc, scored.metrics.aupro,
             image_auroc_delta=delta, image_auroc_delta_ci=ci,
             pixel_auroc_delta=scored.metrics.pixel_auroc - fp32.metrics.pixel_auroc,
             aupro_delta=scored.metrics.aupro - fp32.metrics.aupro,
@@ -199,6 +248,11 @@ def markdown(report: Report) -> str:
     for r in report.latency:
         lines.append(f"| {r.graph} | {r.threads} | {r.runs} | {r.median_ms:.2f} | {r.p95_ms:.2f} | "
                      f"{r.loadavg_before} → {r.loadavg_after} |")
+    lines += ["", "ONNX Runtime's profiler, 1 thread, kernel ms per run by op type (node count after its graph "
+              "optimisations):", ""]
+    for ops in report.op_times:
+        top = ", ".join(f"{op} {ms:.2f} ({ops.nodes_per_op[op]})" for op, ms in list(ops.ms_per_op.items())[:7])
+        lines.append(f"- {ops.graph}: total {sum(ops.ms_per_op.values()):.2f} ms: {top}")
     return "\n".join(lines) + "\n"
 
 
@@ -239,11 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copyfile(bundle.model_path, fp32_copy)
     report.latency_bundle = f"{name}, {bundle.manifest.model.backbone} {bundle.manifest.input.geometry.width}x" \
                             f"{bundle.manifest.input.geometry.height}"
+    all_convs = folders[name] / f"model_int8_{DEFAULT_CALIBRATION}_all_convs.onnx"
     if default_graph.is_file():
         for threads in (1, 2):
-            for graph in (fp32_copy, default_graph):
+            for graph in (fp32_copy, default_graph, all_convs):
                 log(f"timing {graph.name} at {threads} thread(s)")
                 report.latency.append(time_graph(graph, threads, args.runs))
+        report.op_times = [profile_ops(graph) for graph in (fp32_copy, default_graph, all_convs)]
     report.loadavg_end = load_average()
     report.seconds = time.perf_counter() - started
     write_json(args.out, report)

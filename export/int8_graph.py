@@ -30,8 +30,9 @@ DEFAULT_CALIBRATION = "percentile"
 #: memory by the histogram calibrators (tens of MB per 224 x 224 image for EfficientNet-Lite0).
 DEFAULT_CALIBRATION_IMAGES = 32
 #: Operators given INT8 inputs: the backbone's convolutions and the residual Adds between them. The
-#: patch-aggregation tail (AveragePool, Resize, Concat) stays float: quantising it too changed nothing
-#: measurable (BSData: same cosine and scores to 3 digits) and it is a few percent of the FLOPs.
+#: patch-aggregation tail (AveragePool, Resize, Concat) stays float: it averages and interpolates the very
+#: features the memory bank is compared with, and it is about 2 % of the graph's time (results/int8.md,
+#: ONNX Runtime's profile: 0.1 of 4.5 ms), so rounding it could only cost accuracy for no speed.
 QUANTISED_OPS = ("Conv", "Add")
 
 
@@ -42,16 +43,20 @@ class Int8Settings:
     calibration: str = DEFAULT_CALIBRATION  # one of CALIBRATIONS
     n_images: int = DEFAULT_CALIBRATION_IMAGES  # training images the activation ranges are read from
     ops: tuple[str, ...] = QUANTISED_OPS
+    # Leave the stem and depthwise convolutions float (:func:`float_convolutions`); False quantises every
+    # convolution (benchmarks/bench_int8.py measures that variant: less accurate, and not faster on ORT CPU).
+    keep_float_convs: bool = True
 
 
 def float_convolutions(model) -> list[str]:
     """Names of the convolutions left float: the stem (first) convolution and every grouped (depthwise) one.
 
-    Measured on BSData with EfficientNet-Lite0 (README, "INT8"): quantising every convolution moved image
-    scores by 17 % (median) and cost 12 AUROC points; leaving the stem out halved that, leaving the depthwise
-    convolutions out too brought it to about 1 % with the AUROC unchanged. A 3x3 depthwise filter sums 9
-    products per output, so one per-tensor activation scale shared by channels of very different ranges
-    rounds most of them away; the pointwise (1x1) convolutions hold most of the FLOPs and quantise well.
+    Measured with EfficientNet-Lite0 (benchmarks/bench_int8.py, results/int8.md): quantising every
+    convolution moved the test set's good-image scores by 25 % (median) and cost 8.8 (BSData) and 10.5
+    (DeepPCB) image AUROC points; leaving these float brings the change to about 1 % with every AUROC
+    change inside its 95 % interval around 0. A 3x3 depthwise filter sums only 9 products per output, so one
+    per-tensor activation scale shared by channels of very different ranges rounds much of it away; the
+    pointwise (1x1) convolutions hold most of the FLOPs and quantise well.
     """
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     grouped = [n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
@@ -97,7 +102,8 @@ def write_int8_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], i
         # the quantiser then sees one Conv per convolution with known shapes.
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         quantised = Path(work) / "model_int8.onnx"
-        keep_float = float_convolutions(onnx.load(str(prepared), load_external_data=False))
+        keep_float = (float_convolutions(onnx.load(str(prepared), load_external_data=False))
+                      if settings.keep_float_convs else [])
         reader = _ImageReader(reference.graph.input[0].name, images)
         # The histogram calibrators print progress with print(); the exporter's stdout is its report.
         with contextlib.redirect_stdout(io.StringIO()):
