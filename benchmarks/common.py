@@ -180,25 +180,31 @@ def score_category(bundle: Path, category, pixel_size: int = 256, threads: int =
     """Every test image of ``category`` through the bundle's detector (ONNX Runtime CPU): metrics at the
     calibrated threshold, per-image records, and the ring (0 = outer) of each image's highest patch."""
     from pcedge.runtime.detector import Detector
+
+    with Detector.open(bundle, backend="ort-cpu", index=index, threads=threads) as detector:
+        return score_detector(detector, category, pixel_size, batch)
+
+
+def score_detector(detector, category, pixel_size: int = 256, batch: int = 8) -> ScoredCategory:
+    """:func:`score_category` with a detector already open (e.g. on another graph of the same bundle)."""
     from pcedge.runtime.evaluation.accuracy import AccuracyAccumulator, SeenRegions
     from pcedge.runtime.preprocess import read_image
 
     acc = AccuracyAccumulator(pixel_size)
     rings: list[int] = []
     total_ms = 0.0
-    with Detector.open(bundle, backend="ort-cpu", index=index, threads=threads) as detector:
-        seen_regions = SeenRegions(detector.geometry)
-        items = category.test
-        for start in range(0, len(items), batch):
-            chunk = items[start : start + batch]
-            frames = [read_image(item.path) for item in chunk]
-            for item, frame, result in zip(chunk, frames, detector.run_frames(frames, [str(i.path) for i in chunk])):
-                seen = seen_regions(frame, str(item.path)) if item.is_anomalous else None
-                acc.add(item, result.score, result.anomaly_map, result.anomalous, seen)
-                h, w = result.patch_scores.shape
-                y, x = np.unravel_index(int(np.argmax(result.patch_scores)), (h, w))
-                rings.append(int(min(y, x, h - 1 - y, w - 1 - x)))
-                total_ms += result.timings.total_ms
+    seen_regions = SeenRegions(detector.geometry)
+    items = category.test
+    for start in range(0, len(items), batch):
+        chunk = items[start : start + batch]
+        frames = [read_image(item.path) for item in chunk]
+        for item, frame, result in zip(chunk, frames, detector.run_frames(frames, [str(i.path) for i in chunk])):
+            seen = seen_regions(frame, str(item.path)) if item.is_anomalous else None
+            acc.add(item, result.score, result.anomaly_map, result.anomalous, seen)
+            h, w = result.patch_scores.shape
+            y, x = np.unravel_index(int(np.argmax(result.patch_scores)), (h, w))
+            rings.append(int(min(y, x, h - 1 - y, w - 1 - x)))
+            total_ms += result.timings.total_ms
     return ScoredCategory(acc.metrics(), acc.records, rings, total_ms / len(category.test))
 
 

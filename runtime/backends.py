@@ -19,6 +19,9 @@ from .bundle import Bundle
 from .errors import BackendUnavailable
 
 BACKENDS = ("auto", "tensorrt", "ort-trt", "ort-cuda", "ort-cpu")
+#: What the network computes in: float32 (model.onnx), float16 (TensorRT FP16, model_fp16.onnx on ORT CUDA)
+#: or INT8 (the explicitly quantised model_int8.onnx; TensorRT INT8 engines are built from it).
+PRECISIONS = ("fp32", "fp16", "int8")
 
 _ORT_PROVIDER = {
     "ort-cpu": "CPUExecutionProvider",
@@ -63,7 +66,7 @@ class OrtBackend:
 
     ``max_batch`` (when given) splits larger batches into chunks, for the TensorRT EP's fixed profile.
     ``precision`` says what the graph computes in ("fp16" for the bundle's float16 graph or the TensorRT
-    EP's FP16 mode), for the acceptance checks' tolerances.
+    EP's FP16 mode, "int8" for its QDQ graph), for the acceptance checks' tolerances.
     """
 
     def __init__(self, model_path: Path, kind: str = "ort-cpu", threads: int | None = None,
@@ -195,10 +198,32 @@ def _ort_trt_cache_key() -> str:
     return ort_trt_cache_key(sm, key, version)
 
 
+def int8_graph_problem(bundle: Bundle) -> str | None:
+    """Why ``bundle`` has no INT8 graph to run (one sentence naming the bundle), or None when it has one."""
+    report = bundle.manifest.model.int8
+    path = bundle.int8_model_path
+    if path is not None and path.is_file():
+        return None
+    if report is not None and not report.shipped:
+        return (f"{bundle.root} has no INT8 graph: the export's parity gate refused it ({report.reason}); "
+                "use --precision fp32 or fp16")
+    return (f"{bundle.root} has no INT8 graph (exported before pcedge wrote one, or with --no-int8): "
+            "re-export it with this pcedge, or use --precision fp32 or fp16")
+
+
 def _open_one(kind: str, bundle: Bundle, threads: int | None, precision: str | None) -> Backend:
     manifest = bundle.manifest
     if kind == "tensorrt":
         return _open_tensorrt(bundle, precision)
+    if precision == "int8":
+        if kind == "ort-trt":  # its INT8 mode wants a calibration table; the QDQ engine comes from build-engine
+            raise BackendUnavailable("ort-trt: int8 is not offered; build a TensorRT INT8 engine from the bundle's "
+                                     "QDQ graph (pcedge build-engine --precision int8) and use --backend tensorrt, "
+                                     "or run the graph on ort-cuda / ort-cpu")
+        problem = int8_graph_problem(bundle)
+        if problem is not None:
+            raise BackendUnavailable(f"{kind}: int8 requested, but {problem}")
+        return OrtBackend(bundle.int8_model_path, kind, threads, precision="int8")
     if kind == "ort-trt":
         from .tensorrt.ort_provider import ort_trt_cache_dir, ort_trt_provider_options
 
@@ -244,8 +269,8 @@ def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precisio
     """
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")
-    if precision is not None and precision not in ("fp32", "fp16"):
-        raise ValueError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if kind != "auto":
         try:
             backend = _open_one(kind, bundle, threads, precision)
@@ -261,7 +286,9 @@ def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precisio
         # the native TensorRT engine, built once with `pcedge build-engine`, is the fast path.
         backend = None
         try:
-            backend = _open_one(candidate, bundle, threads, precision if candidate == "tensorrt" else None)
+            # int8 is asked of every candidate (never a silent float32 fallback); fp16 of TensorRT only.
+            wanted = precision if candidate == "tensorrt" or precision == "int8" else None
+            backend = _open_one(candidate, bundle, threads, wanted)
             _warm_up(backend, bundle)
         except Exception as exc:  # anything a broken accelerator raises: move on, say why in one line
             skipped.append(BackendChoice(candidate, _short_reason(candidate, exc)))

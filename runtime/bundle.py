@@ -47,6 +47,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 MODEL_FP16_FILE = "model_fp16.onnx"  # float16 compute, float32 I/O (TensorRT 11 FP16, ORT CUDA fp16)
+MODEL_INT8_FILE = "model_int8.onnx"  # explicitly quantised (QDQ), float32 I/O (TensorRT INT8, ORT CPU/CUDA)
 MEMORY_BANK_FILE = "memory_bank.npy"
 INDEX_FILE = "index.hnsw"
 CHECK_DIR = "check"
@@ -117,6 +118,46 @@ class ParityReport:
 
 
 @dataclass
+class Int8Report:
+    """The INT8 graph against the float32 graph, measured at export time (ONNX Runtime CPU, same memory bank).
+
+    Both graphs score the same good images (held-out or out-of-fold ones, and the check images) against the
+    same banks; ``score_rel_error_*`` is ``|int8 - fp32| / fp32`` per image score. The gate: the INT8 graph
+    ships only when ``score_rel_error_median <= tolerance``; otherwise ``shipped`` is false, ``reason`` says
+    why, and the bundle holds no INT8 graph (``ModelSpec.int8_file`` is None).
+    """
+
+    calibration: str = ""  # activation-range method: minmax | entropy | percentile
+    n_calibration_images: int = 0  # training images the ranges were read from
+    quantised_ops: list[str] = field(default_factory=list)  # op types given INT8 inputs
+    float_convs: int = 0  # convolutions left float (the stem and the depthwise ones)
+    n_images: int = 0  # good images both graphs scored
+    images: str = ""  # which images those were
+    min_cosine: float = 1.0  # per patch embedding, INT8 vs float32
+    mean_cosine: float = 1.0
+    score_rel_error_max: float = 0.0
+    score_rel_error_median: float = 0.0
+    # Image AUROC of both graphs on the --data category's test split (None when it has none).
+    n_test_images: int = 0
+    auroc_fp32: float | None = None
+    auroc_int8: float | None = None
+    auroc_delta: float | None = None  # int8 - fp32
+    tolerance: float = 0.02  # on score_rel_error_median
+    shipped: bool = False
+    reason: str = ""
+
+    def summary(self) -> str:
+        """One line for ``info`` and ``export``: the verdict and the figures it rests on."""
+        auroc = (f"; image AUROC {self.auroc_fp32:.4f} -> {self.auroc_int8:.4f} ({self.auroc_delta:+.4f}) on "
+                 f"{self.n_test_images} test images" if self.auroc_delta is not None else "")
+        verdict = "shipped" if self.shipped else "NOT shipped"
+        return (f"{verdict} ({self.reason}); {self.calibration} calibration on {self.n_calibration_images} images, "
+                f"{self.float_convs} convolutions left float; vs float32 on {self.n_images} good images: cosine "
+                f"min {self.min_cosine:.4f} mean {self.mean_cosine:.4f}, image-score change median "
+                f"{self.score_rel_error_median:.2%} max {self.score_rel_error_max:.2%}{auroc}")
+
+
+@dataclass
 class ModelSpec:
     file: str = MODEL_FILE
     backbone: str = "efficientnet_lite0"
@@ -136,6 +177,10 @@ class ModelSpec:
     # FP16 engines, ONNX Runtime CUDA fp16); None when the bundle has none. Its parity is against model.onnx.
     fp16_file: str | None = None
     fp16_parity: ParityReport = field(default_factory=ParityReport)
+    # The explicitly quantised graph (QDQ, float32 inputs and outputs); None when the bundle has none
+    # (exported before it existed, with --no-int8, or refused by the parity gate: ``int8.reason``).
+    int8_file: str | None = None
+    int8: Int8Report | None = None
 
 
 @dataclass
@@ -364,6 +409,12 @@ class Bundle:
     def fp16_model_path(self) -> Path | None:
         """The float16 graph (float32 inputs and outputs) beside model.onnx, or None if the bundle has none."""
         rel = self.manifest.model.fp16_file
+        return self.root / rel if rel else None
+
+    @property
+    def int8_model_path(self) -> Path | None:
+        """The INT8 (QDQ) graph beside model.onnx, or None if the bundle has none (or its gate refused it)."""
+        rel = self.manifest.model.int8_file
         return self.root / rel if rel else None
 
     @property

@@ -80,7 +80,7 @@ class DetectorOptions:
     threshold: float | None = None  # overrides the bundle's calibrated threshold
     threads: int | None = None  # CPU threads for the backend and the index (None: all available)
     rescore: bool = True  # exact re-scoring of the decisive patches after HNSW
-    precision: str | None = None  # TensorRT engine precision to prefer
+    precision: str | None = None  # TensorRT engine precision to prefer; "int8" runs the INT8 graph on any backend
     verify_checksums: bool = True
     # An Ed25519 public key (PEM file) the bundle must be signed with (`pcedge sign`); None: signatures
     # are not required. When set, unsigned or wrongly signed bundles are refused and checksums always checked.

@@ -237,6 +237,8 @@ def check_ranges(m: Any, source: str, schema_version: int, fmt: str, manifest_na
         if entry.size < 0:
             raise fail(f"files.{rel}.size", f"must be >= 0, got {entry.size}")
     read = [("model.file", model.file), ("memory_bank.file", bank.file)]
+    if model.int8_file is not None:
+        read.append(("model.int8_file", model.int8_file))
     if index.file is not None:
         read.append(("index.file", index.file))
     check = m.check

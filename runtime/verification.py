@@ -26,6 +26,10 @@ FP32_REL_TOL = 1e-3
 #: FP16: cosine per patch vector and relative image-score error.
 FP16_MIN_COSINE = 0.999
 FP16_SCORE_REL_TOL = 0.01
+#: INT8: the mean patch cosine may fall this far below the export's figure (TensorRT's INT8 kernels round
+#: differently from ONNX Runtime CPU's); the median image-score change must stay within the manifest's
+#: tolerance (``model.int8.tolerance``, the export's gate).
+INT8_COSINE_SLACK = 0.01
 #: HNSW recall@1 against exact search on the reference images' patches.
 MIN_RECALL = 0.99
 #: Image scores with HNSW + exact re-scoring against exact search.
@@ -61,6 +65,26 @@ def _spread_check(scores: np.ndarray, bank_rows: int, scoring) -> Check:
     return Check("score spread", False,
                  f"all {scores.size} reference images score 0: the detector cannot tell anything apart "
                  f"(memory bank of {bank_rows} row(s), Eq. 7 b={scoring.reweight_b}); export it again")
+
+
+def _int8_checks(report, emb: np.ndarray, ref_emb: np.ndarray, scores: np.ndarray, ref_scores: np.ndarray) -> list[Check]:
+    """The INT8 graph on this device against the float32 reference: what the export's gate measured.
+
+    ``emb``/``ref_emb`` ``[n, h*w, D]``, ``scores``/``ref_scores`` ``[n]``; ``report``: the manifest's
+    :class:`~pcedge.runtime.bundle.Int8Report` (present whenever an INT8 graph ran).
+    """
+    cos = _cosines(emb, ref_emb)
+    rel = np.abs(scores - ref_scores) / np.maximum(np.abs(ref_scores), 1e-30)
+    floor = report.mean_cosine - INT8_COSINE_SLACK
+    median = float(np.median(rel))
+    return [
+        Check("embeddings (int8)", float(cos.mean()) >= floor,
+              f"mean cosine {cos.mean():.5f} (need >= {floor:.5f}: export measured {report.mean_cosine:.5f}); "
+              f"min {cos.min():.5f}"),
+        Check("image scores (int8)", median <= report.tolerance,
+              f"median rel change {median:.2%} (need <= {report.tolerance:.2%}, the export's gate); max "
+              f"{float(rel.max()):.2%} on {len(scores)} images"),
+    ]
 
 
 def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precision: str | None,
@@ -132,7 +156,9 @@ def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precisi
     cos = float(_cosines(emb, ref_emb).min())
     scores = image_scores(exact_scorer, emb)
     score_rel = float(np.max(np.abs(scores - ref_scores) / np.maximum(np.abs(ref_scores), 1e-30)))
-    if prec == "fp16":
+    if prec == "int8":
+        checks.extend(_int8_checks(m.model.int8, emb, ref_emb, scores, ref_scores))
+    elif prec == "fp16":
         checks.append(Check("embeddings (fp16)", cos >= FP16_MIN_COSINE,
                             f"min cosine {cos:.5f} (need >= {FP16_MIN_COSINE}); max rel error {rel:.2e}"))
         checks.append(Check("image scores (fp16)", score_rel <= FP16_SCORE_REL_TOL,

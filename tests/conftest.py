@@ -15,7 +15,8 @@ PCB = FIXTURES / "pcb"
 def export(data: Path, out: Path, **overrides):
     from pcedge.export.fit import ExportConfig, export_bundle
 
-    config = ExportConfig(data=data, output=out, progress=False, threads=2, **overrides)
+    # The INT8 graph and its gate cost seconds per export: only the tests that ask for them (int8=True) pay.
+    config = ExportConfig(data=data, output=out, progress=False, threads=2, **{"int8": False, **overrides})
     return export_bundle(config)
 
 

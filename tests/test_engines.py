@@ -85,7 +85,7 @@ def test_engine_filename_encodes_sm_device_exact_trt_and_precision():
 
 
 @pytest.mark.parametrize("sm, version, precision, compat", [("87", "10.3", "fp16", "none"), ("sm87", "ten", "fp16", "none"),
-                                                            ("sm87", "10.3", "int8", "none"),
+                                                            ("sm87", "10.3", "int4", "none"),
                                                             ("sm87", "10.3", "fp16", "turing_plus")])
 def test_engine_filename_rejects_malformed_parts(sm, version, precision, compat):
     with pytest.raises(ValueError):
@@ -264,7 +264,7 @@ def test_build_engine_checks_arguments_then_needs_tensorrt(without_tensorrt, tin
     args = dict(onnx_path=tiny_bundle / "model.onnx", plan_path=tmp_path / "x.engine", min_batch=1, opt_batch=1,
                 max_batch=8, workspace_mb=256, timing_cache=None, input_name="images", input_chw=(3, 16, 16))
     with pytest.raises(ValueError, match="precision"):
-        build.build_engine(precision="int8", **args)
+        build.build_engine(precision="int4", **args)  # int8 is built (from the QDQ graph); int4 is not
     with pytest.raises(ValueError, match="min_batch <= opt_batch <= max_batch"):
         build.build_engine(precision="fp16", **{**args, "opt_batch": 9})
     with pytest.raises(TensorRTUnavailable):

@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int_at_least("--warmup", 0), default=5, help="untimed calls before timing (default 5)")
     parser.add_argument("--threads", type=THREADS, default=None, help="CPU threads (default: all available)")
     parser.add_argument("--ef", type=EF, default=None, help="HNSW query ef (default: the bundle's)")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default=None, help="TensorRT engine precision")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                        help="TensorRT engine precision; int8 also runs the INT8 graph on the ONNX Runtime backends")
     parser.add_argument("--no-peak", action="store_true", help="skip measuring this machine's peak FLOP/s and bandwidth")
     parser.add_argument("--target", type=parse_target, action="append", default=None, metavar="DEVICE",
                         help=f"also print an estimate ON PAPER of the per-stage latency on a Jetson ({', '.join(TARGETS)}; "

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from pcedge.commands.common import int_at_least, q
+from pcedge.runtime.backends import int8_graph_problem
 from pcedge.runtime.bundle import BundleError, EngineSpec, open_bundle
 from pcedge.runtime.errors import TensorRTUnavailable
 
@@ -16,8 +17,9 @@ HELP = "build a TensorRT engine for this GPU from the bundle's ONNX graph and re
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
-                        help="engine precision (default auto: fp16 when the GPU has fast FP16, else fp32)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto",
+                        help="engine precision (default auto: fp16 when the GPU has fast FP16, else fp32; int8 "
+                             "only when asked: it is built from the bundle's INT8 (QDQ) graph)")
     parser.add_argument("--min-batch", type=int_at_least("--min-batch", 1), default=1,
                         help="smallest batch the engine accepts (default 1)")
     parser.add_argument("--opt-batch", type=int_at_least("--opt-batch", 1), default=None,
@@ -61,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         # Files in the bundle are checksummed; a cache rewritten by every build would break that.
         print(f"pcedge build-engine: {args.timing_cache}: keep the timing cache outside the bundle", file=sys.stderr)
         return 2
+    if args.precision == "int8" and (problem := int8_graph_problem(bundle)) is not None:
+        print(f"pcedge build-engine: --precision int8: {problem}", file=sys.stderr)
+        return 2
     try:
         device = probe_device()
     except TensorRTUnavailable as exc:
@@ -87,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             bundle.model_path, bundle.root / rel, precision,
             args.min_batch, opt_batch, max_batch, args.workspace, args.timing_cache,
             input_name=bundle.manifest.input.name, input_chw=input_chw,
-            fp16_onnx_path=bundle.fp16_model_path, fast_fp16=device.fast_fp16,
+            fp16_onnx_path=bundle.fp16_model_path, int8_onnx_path=bundle.int8_model_path, fast_fp16=device.fast_fp16,
             hardware_compat=args.hardware_compat, version_compatible=args.version_compatible,
         )
     except (ValueError, TensorRTBuildError) as exc:
@@ -114,5 +119,6 @@ def run(args: argparse.Namespace) -> int:
     if report.timing_cache is not None:
         state = "reused and updated" if report.timing_cache_reused else "created"
         print(f"wrote       timing cache {report.timing_cache} ({state})")
-    print(f"next: pcedge verify {q(bundle.root)} --backend tensorrt")
+    hint = " --precision int8" if precision == "int8" else ""
+    print(f"next: pcedge verify {q(bundle.root)} --backend tensorrt{hint}")
     return 0

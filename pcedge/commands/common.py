@@ -71,9 +71,10 @@ def add_detector_arguments(parser: argparse.ArgumentParser, index: bool = True) 
                             help="nearest-neighbour search (default auto: exact for small banks, HNSW above)")
         parser.add_argument("--ef", type=EF, default=None, help="HNSW query ef (default: the bundle's)")
     parser.add_argument("--threads", type=THREADS, default=None, help="CPU threads (default: all available)")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default=None,
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
                         help="TensorRT engine precision to prefer; with --backend ort-cuda, fp16 runs the bundle's "
-                             "float16 graph (model_fp16.onnx)")
+                             "float16 graph (model_fp16.onnx); int8 runs its INT8 graph (model_int8.onnx) on "
+                             "ort-cpu / ort-cuda, or an INT8 engine on tensorrt")
     parser.add_argument("--trust", metavar="PUBKEY", default=None,
                         help="refuse the bundle unless it is signed by this Ed25519 public key (see `pcedge sign`)")
     parser.add_argument("--verbose", action="store_true",

@@ -106,6 +106,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-reweight", action="store_true", help="image score = max patch score (no Eq. 7)")
     parser.add_argument("--b", type=int_at_least("--b", MIN_REWEIGHT_B, " (with b = 1 every Eq. 7 score is 0)"),
                         default=ScoringSpec().reweight_b, help="Eq. 7 support neighbours |N_b(m*)| (default 9, at least 2)")
+    parser.add_argument("--no-int8", action="store_true",
+                        help="write no INT8 graph (model_int8.onnx) and skip its parity gate")
+    parser.add_argument("--int8-calibration", choices=("minmax", "entropy", "percentile"), default=None,
+                        help="how the INT8 activation ranges are read from the calibration images (default "
+                             "percentile; measurements in the README, 'INT8')")
+    parser.add_argument("--int8-images", type=int_at_least("--int8-images", 1), default=None,
+                        help="training images the INT8 ranges are calibrated on (default 32)")
+    parser.add_argument("--int8-tolerance", type=finite_float("--int8-tolerance", 0), default=None,
+                        help="largest median relative image-score change the INT8 graph may cause on good images "
+                             "(default 0.02); beyond it the bundle keeps float32 only and says why")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing pcedge bundle at the output (anything else there is refused)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -144,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
     if args.crop is not None:
         mode, height, width = "crop", args.crop, args.crop
     geometry = Geometry(mode=mode, height=height, width=width, resize=args.resize)
+    int8 = {name: value for name, value in (("int8_calibration", args.int8_calibration), ("int8_images", args.int8_images),
+                                           ("int8_tolerance", args.int8_tolerance)) if value is not None}
     config = ExportConfig(
         data=args.data, output=args.output, backbone=args.backbone, weights=args.weights,
         random_weights=args.random_weights, projection_dim=args.dim, geometry=geometry,
@@ -152,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         target_fpr=args.fpr, border=args.border, defect_sizes=() if args.no_detectability else DEFAULT_SIZES,
         hnsw_M=args.hnsw_M, hnsw_ef_construction=args.ef_construction, hnsw_ef=args.ef,
         reweight=not args.no_reweight, reweight_b=args.b, threads=args.threads, force=args.force,
-        progress=not args.quiet,
+        progress=not args.quiet, int8=not args.no_int8, **int8,
     )
     try:
         with sigterm_as_interrupt():  # kill PID: the temporary bundle is removed, as after Ctrl-C
@@ -183,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  ONNX parity vs torch: max rel error {m.model.parity.max_rel_error:.2e}, min cosine {m.model.parity.min_cosine:.6f}")
     print(f"  threshold {m.threshold.value:.4f} ({m.threshold.method})")
     print(f"  {m.threshold.false_alarm_summary()}")
+    if m.model.int8 is not None:
+        print(f"  INT8 graph {m.model.int8.summary()}")
     if m.detectability is not None:
         print(f"  {m.detectability.summary()}")
         if m.detectability.warning:

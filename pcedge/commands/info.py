@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         (f"fp16 graph  {m.model.fp16_file}: vs the float32 graph on {m.model.fp16_parity.n_images} images: max rel "
          f"{m.model.fp16_parity.max_rel_error:.2e}, min cosine {m.model.fp16_parity.min_cosine:.6f}"
          if m.model.fp16_file else "fp16 graph  none (TensorRT 11 FP16 engines need one: re-export)"),
+        (f"int8 graph  {m.model.int8_file or 'none'}: {m.model.int8.summary()}" if m.model.int8 is not None
+         else "int8 graph  none (exported before INT8 graphs, or with --no-int8)"),
         f"memory bank {mb.n} x {mb.dim} {mb.dtype} = {mb.coreset_ratio:.2%} of {mb.n_features_total} features from "
         f"{mb.n_train_images} images ({mb.coreset} coreset, projection {mb.projection_dim}, seed {mb.seed}, "
         f"{mb.selection_seconds:.1f}s); coverage radius {mb.coverage_radius:.4f}",

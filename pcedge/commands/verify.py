@@ -4,9 +4,23 @@ checks are :mod:`pcedge.runtime.verification`'s."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from pcedge.commands.common import EF, add_detector_arguments, print_skipped, q
 from pcedge.runtime.verification import run_checks
+
+def int8_problem(bundle: str) -> str | None:
+    """Why ``--precision int8`` cannot run on ``bundle`` (no INT8 graph, or the export's gate refused it);
+    None when it can, or when the bundle does not open (the checksum check then reports that)."""
+    from pcedge.runtime.backends import int8_graph_problem
+    from pcedge.runtime.bundle import BundleError, open_bundle
+
+    try:
+        return int8_graph_problem(open_bundle(Path(bundle), verify=False))
+    except BundleError:
+        return None
+
 
 HELP = "acceptance test on the device: checksums, backend vs stored reference, index recall (PASS/FAIL)"
 
@@ -18,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.precision == "int8" and (problem := int8_problem(args.bundle)) is not None:
+        print(f"pcedge verify: --precision int8: {problem}", file=sys.stderr)
+        return 2
     checks, description = run_checks(args.bundle, args.backend, args.threads, args.precision, args.ef, args.trust,
                                      on_open=lambda backend: print_skipped(backend, args, "verify"))
     if description:

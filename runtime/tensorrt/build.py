@@ -7,6 +7,14 @@ FP16 differs by major version. TensorRT 10 builds the float32 graph with ``Build
 TensorRT picks per layer). TensorRT 11 networks are always strongly typed and ``BuilderFlag.FP16`` is gone
 (NVIDIA's "Removed Python APIs" for 10.x -> 11.x), so an FP16 plan comes from the bundle's float16 graph
 (``model.fp16_file``, float32 inputs and outputs), whose own parity figures the manifest records.
+
+INT8 is explicit quantisation on both: the plan is built from the bundle's QDQ graph (``model.int8_file``),
+whose QuantizeLinear/DequantizeLinear scales were calibrated at export; there is no calibrator. TensorRT 10
+networks are weakly typed, so the build sets ``BuilderFlag.INT8`` (the Q/DQ layers' INT8 kernels are allowed
+only with it) and, on a GPU with fast FP16, ``BuilderFlag.FP16`` for the layers the graph leaves float.
+TensorRT 11 networks are strongly typed: the Q/DQ layers fix the INT8 parts, the rest runs in the graph's
+float32, and no precision flag exists (NVIDIA, "Explicit Quantization": use it with strong typing,
+precision-control build flags are not required).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from types import ModuleType
 from ..errors import TensorRTUnavailable
 from ..files import write_bytes_atomic
 from .device import import_tensorrt, trt_major
-from .engines import HARDWARE_COMPAT
+from .engines import HARDWARE_COMPAT, PRECISIONS
 
 
 class TensorRTBuildError(RuntimeError):
@@ -90,6 +98,7 @@ def build_engine(
     input_chw: tuple[int, int, int],
     *,
     fp16_onnx_path: Path | None = None,
+    int8_onnx_path: Path | None = None,
     fast_fp16: bool = True,
     hardware_compat: str = "none",
     version_compatible: bool = False,
@@ -99,13 +108,13 @@ def build_engine(
     One optimisation profile covers batches ``min_batch..max_batch`` (kernels tuned for ``opt_batch``) of
     input ``input_name`` ``[B, *input_chw]``. ``precision`` "fp16" is an error on a GPU without fast FP16
     (``fast_fp16``, from the compute capability; never a silent fp32 build); on TensorRT 11 it needs the
-    float16 graph ``fp16_onnx_path``. ``hardware_compat`` ("ampere_plus", "same_compute_capability") and
+    float16 graph ``fp16_onnx_path``. ``precision`` "int8" builds the QDQ graph ``int8_onnx_path``. ``hardware_compat`` ("ampere_plus", "same_compute_capability") and
     ``version_compatible`` set TensorRT's hardware- and version-compatibility options. The timing cache,
     when given, is loaded first and saved after. The plan is written to a temporary name and renamed.
     """
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
     if workspace_mb <= 0:
@@ -126,6 +135,15 @@ def build_engine(
                 "bundle with this pcedge, or build with --precision fp32"
             )
         graph = Path(fp16_onnx_path)
+    if precision == "int8":
+        if int8_onnx_path is None or not Path(int8_onnx_path).is_file():
+            raise TensorRTBuildError(
+                "INT8 engines are built from the bundle's INT8 (QDQ) graph, and this bundle has none"
+                f"{f' ({int8_onnx_path} is missing)' if int8_onnx_path else ''} (exported before pcedge wrote one, "
+                "with --no-int8, or refused by the export's parity gate: see `pcedge info`); build with "
+                "--precision fp16 or fp32"
+            )
+        graph = Path(int8_onnx_path)
     started = time.perf_counter()
     logger = _make_logger(trt)
     try:
@@ -155,6 +173,12 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     if precision == "fp16" and major == 10:
         config.set_flag(trt.BuilderFlag.FP16)  # deprecated from 10.12, removed in 11: 10.x only
+    if precision == "int8" and major == 10:
+        # Weakly typed: the Q/DQ layers run in INT8 only with the INT8 flag; the layers the graph leaves float
+        # (stem, depthwise convolutions, aggregation tail) run in FP16 where the GPU is fast at it.
+        config.set_flag(trt.BuilderFlag.INT8)  # both flags deprecated from 10.12, removed in 11
+        if fast_fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
     if hardware_compat != "none":
         level = getattr(trt.HardwareCompatibilityLevel, hardware_compat.upper(), None)
         if level is None:

@@ -26,14 +26,18 @@ from pathlib import Path
 
 from ..bundle import ENGINES_DIR, Bundle, BundleError, EngineSpec, Manifest
 
-#: Engine precisions pcedge builds. INT8 is left out on purpose: it needs a calibration set on the device.
-PRECISIONS = ("fp32", "fp16")
+#: Engine precisions pcedge builds. INT8 plans come from the bundle's QDQ graph (explicit quantisation, the
+#: scales calibrated at export), so no calibration set is needed on the device.
+PRECISIONS = ("fp32", "fp16", "int8")
+#: Chosen without an explicit precision, best first. INT8 is never among them: it changes the scores
+#: (within the export's gate), so it runs only when asked for (``--precision int8``).
+DEFAULT_ORDER = ("fp16", "fp32")
 #: ``--hardware-compat`` levels (TensorRT's ``HardwareCompatibilityLevel``): "ampere_plus" runs on any
 #: sm80+ GPU; "same_compute_capability" (TensorRT 10.16+) on any GPU of the building GPU's sm.
 HARDWARE_COMPAT = ("none", "ampere_plus", "same_compute_capability")
 
 _SM = re.compile(r"^sm\d{2,3}$")
-_ENGINE_NAME = re.compile(r"^(?P<sm>sm\d{2,3})-.*-(?P<precision>fp32|fp16)(-hc)?(-vc)?\.engine$")
+_ENGINE_NAME = re.compile(r"^(?P<sm>sm\d{2,3})-.*-(?P<precision>fp32|fp16|int8)(-hc)?(-vc)?\.engine$")
 
 
 @dataclass
@@ -131,8 +135,8 @@ def choose_engine(manifest: Manifest, device: DeviceInfo,
     """The plan in ``manifest`` that runs on ``device`` and why each other one was skipped.
 
     With ``precision`` given only that precision is returned (an explicit request is never silently
-    swapped for another precision); without it fp16 is preferred over fp32. A plan built for exactly this
-    device is preferred over a compatible one.
+    swapped for another precision); without it fp16 is preferred over fp32, and an int8 plan is never chosen.
+    A plan built for exactly this device is preferred over a compatible one.
     """
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
@@ -142,11 +146,13 @@ def choose_engine(manifest: Manifest, device: DeviceInfo,
         why = engine_mismatch(spec, device)
         if why is None and precision is not None and spec.precision != precision:
             why = f"{spec.precision}, {precision} requested"
+        if why is None and precision is None and spec.precision not in DEFAULT_ORDER:
+            why = f"{spec.precision} runs only when asked for (--precision {spec.precision})"
         if why is None:
             matches.append(spec)
         else:
             skipped.append(f"{spec.file}: {why}")
-    order = ("fp16", "fp32") if precision is None else (precision,)
+    order = DEFAULT_ORDER if precision is None else (precision,)
     matches.sort(key=lambda s: (order.index(s.precision) if s.precision in order else len(order),
                                 s.hardware_compat not in ("", "none"), s.version_compatible))
     return (matches[0] if matches else None), skipped
