@@ -60,6 +60,7 @@ class QuantRecipe:
     symmetric_activations: bool  # zero point 0 (TensorRT) or the calibrated [min, max] (uint8, ORT CPU)
     keep_float_convs: bool  # leave the stem and depthwise convolutions float (float_convolutions)
     description: str  # for the manifest and reports
+    per_channel: bool = True  # weight scales per output channel (False: one per tensor)
 
 
 RECIPES = {
@@ -85,10 +86,12 @@ class Int8Settings:
     # Override the recipe's placement: False quantises every convolution of the "tensorrt" graph
     # (benchmarks/bench_int8.py measures that variant: less accurate, and not faster on ORT CPU).
     keep_float_convs: bool | None = None
+    # A recipe other than the target's (benchmarks/bench_int8.py's ablations); None: RECIPES[target].
+    recipe_override: QuantRecipe | None = None
 
     @property
     def recipe(self) -> QuantRecipe:
-        return RECIPES[self.target]
+        return self.recipe_override or RECIPES[self.target]
 
     @property
     def float_convs_kept(self) -> bool:
@@ -232,10 +235,10 @@ def _quantise(prepared: Path, quantised: Path, readers: list[_ImageReader], sett
         str(prepared), str(quantised), None,
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=list(recipe.ops),
-        # Per-channel weights: measured, the "cpu" graph with per-tensor weights moved BSData's good-image
+        # Both recipes use per-channel weights: measured, the "cpu" graph with per-tensor weights moved BSData's good-image
         # scores by 48 % (median) and cost 25 image-AUROC points (a depthwise filter per channel cannot share
         # one scale).
-        per_channel=True,
+        per_channel=recipe.per_channel,
         activation_type=activation_type,
         weight_type=QuantType.QInt8,
         calibrate_method=method,
