@@ -177,7 +177,7 @@ def write_int8_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], i
 #: Histogram calibrators' settings, per method. ONNX Runtime's entropy default (128 bins for 128 quantised
 #: bins) leaves the KL search a single candidate, the full range, i.e. MinMax again (measured: identical
 #: scales on BSData); TensorRT's entropy calibrator histograms 2048 bins into 128, as here. The percentile
-#: settings are ONNX Runtime's defaults (2048 bins, 99.999th percentile of |x|).
+#: settings are ONNX Runtime's defaults (2048 bins, 99.999th percentile; of |x| for the symmetric graph).
 _CALIBRATOR_OPTIONS = {
     "minmax": {},
     "entropy": {"num_bins": 2048, "num_quantized_bins": 128},

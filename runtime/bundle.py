@@ -125,7 +125,7 @@ class Int8Report:
     Both graphs score the same good images (held-out or out-of-fold ones, and the check images) against the
     same banks; ``score_rel_error_*`` is ``|int8 - fp32| / fp32`` per image score. The gate: the INT8 graph
     ships only when ``score_rel_error_median <= tolerance``; otherwise ``shipped`` is false, ``reason`` says
-    why, and the bundle holds no INT8 graph (``ModelSpec.int8_file`` is None).
+    why, and the bundle holds no such graph (``ModelSpec.int8_file`` / ``int8_cpu_file`` is None).
     """
 
     # Which graph: "tensorrt" (model_int8.onnx, symmetric) or "cpu" (model_int8_cpu.onnx, U8S8). Bundles
