@@ -1,4 +1,4 @@
-"""INT8 against float32 on the shared categories: accuracy per calibration method, parity, ORT CPU latency.
+"""INT8 against float32 on the shared categories: accuracy per graph recipe and calibration, parity, ORT CPU latency.
 
 For BSData (all 150 training images) and DeepPCB (a seeded 200-image training subset, as
 ``bench_vs_peer.py``), export with the defaults (cached under ``results/bundles/``), then:
@@ -11,15 +11,20 @@ For BSData (all 150 training images) and DeepPCB (a seeded 200-image training su
   good images (the gate's quantity on images no bank has seen). This measurement chooses the default method.
 - record the export's own gate figures (the bundle's ``model.int8``);
 - the same for the default method with every convolution quantised (the stem and depthwise ones too),
-  the evidence for leaving those float;
-- time the backbone graph alone on ONNX Runtime CPU, float32 against the default INT8 graph (and the
-  all-convolutions one), batch 1,
-  ``--runs`` timed calls after a warm-up, with the runtime's session options, at 1 thread and at all cores;
-  the load average before and after is recorded (this machine is shared: re-run on a quiet one).
+  the evidence for leaving those float in the symmetric (TensorRT) graph;
+- the ONNX Runtime CPU graph (U8S8, every convolution, ReLU6 folded; ``model_int8_cpu.onnx``) per
+  calibration method, and two ablations of it: ReLU6 kept as separate Clips (Conv and Add quantised only)
+  and per-tensor weights;
+- time the backbone graph alone on ONNX Runtime CPU, float32 against every INT8 graph of the default
+  method, batch 1, ``--runs`` timed calls per graph after a warm-up, the graphs interleaved call by call
+  (a load change hits all of them alike), with the runtime's session options, at 1 and 2 threads; the load
+  average before and after is recorded (this machine is shared: re-run on a quiet one). ONNX Runtime's
+  profiler says where each graph's time goes (op types after its graph optimisations).
 
 Writes ``results/int8.json`` and ``results/int8.md``.
 
-    python benchmarks/bench_int8.py [--fresh] [--runs 300] [--methods minmax,entropy,percentile]
+    python benchmarks/bench_int8.py [--fresh] [--runs 300] [--methods minmax,entropy,percentile] [--only bsdata]
+    python benchmarks/bench_int8.py --latency-only --only bsdata   # timing and profile only (~2 min)
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from pcedge.runtime.files import write_text_atomic  # noqa: E402
 @dataclass
 class AccuracyRow:
     dataset: str
-    graph: str  # "fp32" or "int8"
+    graph: str  # "fp32", "int8" (symmetric, TensorRT) or "int8_cpu" (U8S8, ONNX Runtime CPU) and ablations
     calibration: str | None  # None for fp32
     image_auroc: float
     pixel_auroc: float
@@ -88,7 +93,8 @@ class Report:
     default_calibration: str
     tolerance: float
     accuracy: list[AccuracyRow] = field(default_factory=list)
-    gate: dict[str, object] = field(default_factory=dict)  # dataset -> the bundle's Int8Report
+    gate: dict[str, object] = field(default_factory=dict)  # dataset -> the bundle's Int8Report (TensorRT graph)
+    gate_cpu: dict[str, object] = field(default_factory=dict)  # dataset -> the bundle's CPU graph Int8Report
     latency: list[LatencyRow] = field(default_factory=list)
     latency_bundle: str = ""
     op_times: list[OpTimes] = field(default_factory=list)
@@ -120,23 +126,28 @@ def evaluate(bundle_path: Path, graph: Path, precision: str, category, threads: 
         return score_detector(detector, category)
 
 
-def time_graph(graph: Path, threads: int, runs: int, warmup: int = 20) -> LatencyRow:
-    """Median and p95 of ``runs`` batch-1 calls of ``graph`` on ONNX Runtime CPU (the runtime's options)."""
+def time_graphs(graphs: list[Path], threads: int, runs: int, warmup: int = 20) -> list[LatencyRow]:
+    """Median and p95 of ``runs`` batch-1 calls of each graph on ONNX Runtime CPU (the runtime's options),
+    the graphs called in turn so that a change of load on this shared machine hits all of them alike."""
     from pcedge.runtime.backends import OrtBackend
 
-    backend = OrtBackend(graph, "ort-cpu", threads)
+    backends = [OrtBackend(graph, "ort-cpu", threads) for graph in graphs]
     x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
-    for _ in range(warmup):
-        backend(x)
+    for backend in backends:
+        for _ in range(warmup):
+            backend(x)
     before = load_average()
-    times = []
+    times: list[list[float]] = [[] for _ in graphs]
     for _ in range(runs):
-        start = time.perf_counter()
-        backend(x)
-        times.append((time.perf_counter() - start) * 1e3)
-    backend.close()
-    return LatencyRow(graph.name, threads, 1, runs, float(np.median(times)), float(np.percentile(times, 95)),
-                      before, load_average())
+        for backend, spent in zip(backends, times):
+            start = time.perf_counter()
+            backend(x)
+            spent.append((time.perf_counter() - start) * 1e3)
+    after = load_average()
+    for backend in backends:
+        backend.close()
+    return [LatencyRow(graph.name, threads, 1, runs, float(np.median(t)), float(np.percentile(t, 95)), before, after)
+            for graph, t in zip(graphs, times)]
 
 
 def profile_ops(graph: Path, runs: int = 50) -> OpTimes:
@@ -167,7 +178,39 @@ def profile_ops(graph: Path, runs: int = 50) -> OpTimes:
                    {op: n // runs for op, n in count.items()})
 
 
-def bench_dataset(report: Report, name: str, data: Path, category_root: Path, fresh: bool, threads: int) -> Path:
+def _ablation(**changes):
+    from dataclasses import replace
+
+    from pcedge.export.int8_graph import RECIPES
+
+    return replace(RECIPES["cpu"], **changes)
+
+
+def variants(methods: list[str], n_images: int) -> list[tuple[str, str, object]]:
+    """``(label "<graph> <calibration...>", file name, Int8Settings)`` of every graph measured: the symmetric
+    (TensorRT) graph per method and with every convolution quantised, the CPU graph per method, and the CPU
+    graph's two ablations (the default method)."""
+    from pcedge.export.int8_graph import DEFAULT_CALIBRATION, Int8Settings
+
+    d = DEFAULT_CALIBRATION
+    rows = [(f"int8 {m}", f"model_int8_{m}.onnx", Int8Settings(calibration=m, n_images=n_images)) for m in methods]
+    rows.append((f"int8 {d}, all convs", f"model_int8_{d}_all_convs.onnx",
+                 Int8Settings(calibration=d, n_images=n_images, keep_float_convs=False)))
+    rows += [(f"int8_cpu {m}", f"model_int8_cpu_{m}.onnx", Int8Settings(calibration=m, n_images=n_images, target="cpu"))
+             for m in methods if m != "entropy"]  # entropy: not measured for the CPU graph, to keep the run short
+    rows.append((f"int8_cpu {d}, ReLU6 as Clip", f"model_int8_cpu_{d}_clip.onnx",
+                 Int8Settings(calibration=d, n_images=n_images, target="cpu",
+                              recipe_override=_ablation(ops=("Conv", "Add"), description="U8S8, Clip kept"))))
+    rows.append((f"int8_cpu {d}, per-tensor weights", f"model_int8_cpu_{d}_per_tensor.onnx",
+                 Int8Settings(calibration=d, n_images=n_images, target="cpu",
+                              recipe_override=_ablation(per_channel=False, description="U8S8, per-tensor weights"))))
+    return rows
+
+
+def bench_dataset(report: Report, name: str, data: Path, category_root: Path, fresh: bool, threads: int,
+                  accuracy: bool = True) -> Path:
+    """Every variant's graph of ``name`` under results/bundles/int8/<name>/, and (``accuracy``) its test-split
+    figures against float32 into ``report``."""
     from pcedge.export.fit import ExportConfig
     from pcedge.export.int8_graph import Int8Settings, write_int8_graph
     from pcedge.runtime.bundle import open_bundle
@@ -177,36 +220,34 @@ def bench_dataset(report: Report, name: str, data: Path, category_root: Path, fr
     bundle = open_bundle(cached.path)
     m = bundle.manifest
     report.gate[name] = m.model.int8
+    report.gate_cpu[name] = m.model.int8_cpu
     defaults = ExportConfig(data=data, output=cached.path)
-    category = load_category(category_root)
-    log(f"{name}: float32 graph on {len(category.test)} test images")
-    fp32 = evaluate(cached.path, bundle.model_path, "fp32", category, threads)
-    labels = np.array([r.is_anomalous for r in fp32.records])
-    s32 = np.array([r.score for r in fp32.records])
-    report.accuracy.append(AccuracyRow(name, "fp32", None, fp32.metrics.image_auroc, fp32.metrics.pixel_auroc,
-                                       fp32.metrics.aupro, n_test=len(labels)))
+    if accuracy:
+        category = load_category(category_root)
+        log(f"{name}: float32 graph on {len(category.test)} test images")
+        fp32 = evaluate(cached.path, bundle.model_path, "fp32", category, threads)
+        labels = np.array([r.is_anomalous for r in fp32.records])
+        s32 = np.array([r.score for r in fp32.records])
+        report.accuracy.append(AccuracyRow(name, "fp32", None, fp32.metrics.image_auroc, fp32.metrics.pixel_auroc,
+                                           fp32.metrics.aupro, n_test=len(labels)))
     images = calibration_images(m, data, defaults.int8_images, defaults.seed)
     folder = BUNDLES / "int8" / name
     folder.mkdir(parents=True, exist_ok=True)
-    from pcedge.export.int8_graph import DEFAULT_CALIBRATION
-
-    # Every method with the default placement (stem and depthwise convolutions float), and the default
-    # method with every convolution quantised: the placement decision's evidence.
-    variants = [(method, True) for method in report.methods] + [(DEFAULT_CALIBRATION, False)]
-    for method, keep_float in variants:
-        label = method if keep_float else f"{method}, all convs"
-        graph = folder / (f"model_int8_{method}.onnx" if keep_float else f"model_int8_{method}_all_convs.onnx")
+    for label, file, settings in variants(report.methods, images.shape[0]):
+        graph = folder / file
         start = time.perf_counter()
-        write_int8_graph(bundle.model_path, graph, images, Int8Settings(calibration=method, n_images=images.shape[0],
-                                                                        keep_float_convs=keep_float))
+        write_int8_graph(bundle.model_path, graph, images, settings)
         seconds = time.perf_counter() - start
-        log(f"{name}: int8 {label} (quantised in {seconds:.0f}s)")
+        log(f"{name}: {label} (quantised in {seconds:.0f}s)")
+        if not accuracy:
+            continue
         scored = evaluate(cached.path, graph, "int8", category, threads)
         s8 = np.array([r.score for r in scored.records])
         delta, ci = paired_auroc_delta(labels, s8, s32)
         rel = np.abs(s8 - s32) / np.maximum(np.abs(s32), 1e-30)
+        graph_kind, calibration = label.split(" ", 1)
         report.accuracy.append(AccuracyRow(
-            name, "int8", label, scored.metrics.image_auroc, scored.metrics.pixel_auroc, scored.metrics.aupro,
+            name, graph_kind, calibration, scored.metrics.image_auroc, scored.metrics.pixel_auroc, scored.metrics.aupro,
             image_auroc_delta=delta, image_auroc_delta_ci=ci,
             pixel_auroc_delta=scored.metrics.pixel_auroc - fp32.metrics.pixel_auroc,
             aupro_delta=scored.metrics.aupro - fp32.metrics.aupro,
@@ -240,10 +281,13 @@ def markdown(report: Report) -> str:
         lines.append(f"| {r.dataset} ({r.n_test}) | {r.graph} | {r.calibration or '–'} | {r.image_auroc:.4f} | "
                      f"{_f(r.image_auroc_delta, '+.4f')}{ci} | {r.pixel_auroc:.4f} | {_f(r.pixel_auroc_delta, '+.4f')} | "
                      f"{r.aupro:.4f} | {_f(r.aupro_delta, '+.4f')} | {change} |")
-    lines += ["", "## The export's gate (default settings)", ""]
-    for name, gate in report.gate.items():
-        lines.append(f"- **{name}**: " + (gate.summary() if gate is not None else "no INT8 report in the bundle"))
+    lines += ["", "## The export's gates (default settings)", ""]
+    for title, gates in (("model_int8.onnx (TensorRT, ORT CUDA)", report.gate),
+                         ("model_int8_cpu.onnx (ORT CPU)", report.gate_cpu)):
+        for name, gate in gates.items():
+            lines.append(f"- **{name}**, {title}: " + (gate.summary() if gate is not None else "no report in the bundle"))
     lines += ["", f"## Backbone graph latency, ONNX Runtime CPU, batch 1 ({report.latency_bundle})", "",
+              "The graphs are called in turn (interleaved), so each row of one thread count saw the same load.", "",
               "| graph | threads | runs | median ms | p95 ms | load average before → after |", "|---|---|---|---|---|---|"]
     for r in report.latency:
         lines.append(f"| {r.graph} | {r.threads} | {r.runs} | {r.median_ms:.2f} | {r.p95_ms:.2f} | "
@@ -267,8 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads for the accuracy runs")
     parser.add_argument("--pcb-train", type=int, default=200, help="DeepPCB training subset size (seeded)")
     parser.add_argument("--only", choices=("bsdata", "deeppcb"), default=None, help="one dataset only")
-    parser.add_argument("--out", type=Path, default=RESULTS / "int8.json")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="write the graphs and time them, no accuracy runs (default --out results/int8_latency.json)")
+    parser.add_argument("--out", type=Path, default=None, help="default results/int8.json")
     args = parser.parse_args(argv)
+    args.out = args.out or RESULTS / ("int8_latency.json" if args.latency_only else "int8.json")
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(CALIBRATIONS))
     if unknown:
@@ -280,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     folders = {}
     for name, data, category in datasets:
         if args.only in (None, name):
-            folders[name] = bench_dataset(report, name, data, category, args.fresh, args.threads)
+            folders[name] = bench_dataset(report, name, data, category, args.fresh, args.threads,
+                                          accuracy=not args.latency_only)
             write_json(args.out, report)  # partial results survive an interrupted run
     name = "bsdata" if "bsdata" in folders else next(iter(folders))
     from pcedge.runtime.bundle import open_bundle
@@ -293,13 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copyfile(bundle.model_path, fp32_copy)
     report.latency_bundle = f"{name}, {bundle.manifest.model.backbone} {bundle.manifest.input.geometry.width}x" \
                             f"{bundle.manifest.input.geometry.height}"
-    all_convs = folders[name] / f"model_int8_{DEFAULT_CALIBRATION}_all_convs.onnx"
-    if default_graph.is_file():
-        for threads in (1, 2):
-            for graph in (fp32_copy, default_graph, all_convs):
-                log(f"timing {graph.name} at {threads} thread(s)")
-                report.latency.append(time_graph(graph, threads, args.runs))
-        report.op_times = [profile_ops(graph) for graph in (fp32_copy, default_graph, all_convs)]
+    d = DEFAULT_CALIBRATION
+    timed = [fp32_copy, default_graph] + [folders[name] / f for f in (
+        f"model_int8_{d}_all_convs.onnx", f"model_int8_cpu_{d}.onnx", f"model_int8_cpu_{d}_clip.onnx",
+        f"model_int8_cpu_{d}_per_tensor.onnx")]
+    timed = [g for g in timed if g.is_file()]
+    for threads in (1, 2):
+        log(f"timing {len(timed)} graphs, interleaved, at {threads} thread(s)")
+        report.latency += time_graphs(timed, threads, args.runs)
+    report.op_times = [profile_ops(graph) for graph in timed]
     report.loadavg_end = load_average()
     report.seconds = time.perf_counter() - started
     write_json(args.out, report)

@@ -25,6 +25,7 @@ from pcedge.runtime.bundle import (
     MEMORY_BANK_FILE,
     MODEL_FILE,
     MODEL_FP16_FILE,
+    MODEL_INT8_CPU_FILE,
     MODEL_INT8_FILE,
     BundleWriter,
     check_outside_inputs,
@@ -52,7 +53,7 @@ from .detectability import DEFAULT_SIZES, measure_detectability
 from .embedder import DEFAULT_BORDER, PatchEmbedder
 from .fp16_graph import fp16_parity, write_fp16_graph
 from .int8_gate import DEFAULT_TOLERANCE, GraphPair, ScoredImages, int8_report
-from .int8_graph import CALIBRATIONS, DEFAULT_CALIBRATION, DEFAULT_CALIBRATION_IMAGES, QUANTISED_OPS, Int8Settings, write_int8_graph
+from .int8_graph import CALIBRATIONS, DEFAULT_CALIBRATION, DEFAULT_CALIBRATION_IMAGES, Int8Settings, write_int8_graph
 from .limits import MAX_TARGET_FPR, MIN_HNSW_M, MIN_REWEIGHT_B, MIN_TARGET_FPR, coreset_count_problem
 from .memory import describe_refusal, estimate_export_memory
 from .onnx_export import assert_parity, check_parity, export_onnx
@@ -103,7 +104,8 @@ class ExportConfig:
     defect_sizes: tuple[float, ...] = DEFAULT_SIZES  # synthetic defects for the detectability check; () skips it
     n_detectability: int = 8  # good images outside the bank that get the synthetic defects
     opset: int = 18
-    # The INT8 (QDQ) graph beside model.onnx and its parity gate (export/int8_graph.py, int8_gate.py).
+    # The INT8 (QDQ) graphs beside model.onnx, one per target (TensorRT, ONNX Runtime CPU), each with its
+    # own parity gate (export/int8_graph.py, int8_gate.py).
     int8: bool = True
     int8_calibration: str = DEFAULT_CALIBRATION  # minmax | entropy | percentile (chosen by bench_int8.py)
     int8_images: int = DEFAULT_CALIBRATION_IMAGES  # training images the activation ranges are read from
@@ -222,27 +224,42 @@ def _versions() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- INT8
-def write_and_gate_int8(config: ExportConfig, int8_path: Path, model_path: Path, train_kept: list[Path],
-                        good: list[ScoredImages], description: str, test_scorer: Scorer) -> Int8Report:
-    """Write the QDQ graph at ``int8_path`` (calibrated on a seeded ``config.int8_images`` of the training
-    images, through the runtime's preprocessing) and measure it against ``model_path`` on ``good``; with a
-    test split in ``config.data``, the image AUROC of both graphs too (scored by ``test_scorer``)."""
+#: The bundle's INT8 graph per target (export/int8_graph.py TARGETS).
+INT8_FILES = {"tensorrt": MODEL_INT8_FILE, "cpu": MODEL_INT8_CPU_FILE}
+
+
+def int8_calibration_images(config: ExportConfig, train_kept: list[Path]) -> np.ndarray:
+    """A seeded ``config.int8_images`` of the training images through the runtime's preprocessing,
+    ``[n, 3, H, W]`` float32: what every INT8 graph's activation ranges are read from."""
     rng = np.random.default_rng(config.seed)
     n = min(config.int8_images, len(train_kept))
     chosen = sorted(rng.choice(len(train_kept), size=n, replace=False).tolist())
-    calibration = to_tensor(load_images([train_kept[i] for i in chosen], config.geometry, [])[0])
-    settings = Int8Settings(calibration=config.int8_calibration, n_images=calibration.shape[0])
+    return to_tensor(load_images([train_kept[i] for i in chosen], config.geometry, [])[0])
+
+
+def write_and_gate_int8(config: ExportConfig, target: str, int8_path: Path, model_path: Path, calibration: np.ndarray,
+                        good: list[ScoredImages], description: str, test_scorer: Scorer) -> Int8Report:
+    """Write ``target``'s QDQ graph at ``int8_path`` (calibrated on ``calibration`` ``[n, 3, H, W]``) and
+    measure it against ``model_path`` on ``good``; with a test split in ``config.data``, the image AUROC of
+    both graphs too (scored by ``test_scorer``)."""
+    settings = Int8Settings(calibration=config.int8_calibration, n_images=calibration.shape[0], target=target)
     float_convs = write_int8_graph(model_path, int8_path, calibration, settings)
-    del calibration
     pair = GraphPair(model_path, int8_path, threads=config.threads, batch=config.batch_size)
     try:
         report = int8_report(pair, good, description, config.int8_tolerance,
                              test=_test_split(config, test_scorer))
     finally:
         pair.close()
+    report.target = target
     report.calibration, report.n_calibration_images = settings.calibration, settings.n_images
-    report.quantised_ops, report.float_convs = list(QUANTISED_OPS), float_convs
+    report.quantised_ops, report.float_convs = list(settings.recipe.ops), float_convs
     return report
+
+
+def _shipped(reports: dict[str, Int8Report], target: str) -> str | None:
+    """``target``'s INT8 file name when its gate passed, else None."""
+    report = reports.get(target)
+    return INT8_FILES[target] if report is not None and report.shipped else None
 
 
 def _test_split(config: ExportConfig, scorer: Scorer):
@@ -473,8 +490,8 @@ def export_bundle(config: ExportConfig) -> ExportReport:
         np.save(writer.path(f"{CHECK_DIR}/embeddings.npy"), check_emb)
         np.save(writer.path(f"{CHECK_DIR}/scores.npy"), check_scores)
 
-        # ---- the INT8 graph, kept only when it does not move the good images' scores (the gate)
-        int8 = None
+        # ---- the INT8 graphs, each kept only when it does not move the good images' scores (the gate)
+        int8: dict[str, Int8Report] = {}  # target -> its gate figures
         if config.int8:
             t = time.perf_counter()
             if oof is not None:
@@ -485,11 +502,15 @@ def export_bundle(config: ExportConfig) -> ExportReport:
                 held = ScoredImages(to_tensor(val_images), scorer)
                 held_source = f"{held.images.shape[0]} held-out images ({val_source})"
             good = [held, ScoredImages(check_tensor, scorer)]
-            int8 = write_and_gate_int8(config, writer.path(MODEL_INT8_FILE), model_path, train_kept, good,
-                                       f"{held_source} and {check_tensor.shape[0]} check images", scorer)
-            if not int8.shipped:
-                writer.path(MODEL_INT8_FILE).unlink()  # refused: the bundle holds float32 only
-                log.warning("INT8 graph not shipped: %s", int8.reason)
+            calibration = int8_calibration_images(config, train_kept)
+            for target, file in INT8_FILES.items():
+                report = write_and_gate_int8(config, target, writer.path(file), model_path, calibration, good,
+                                             f"{held_source} and {check_tensor.shape[0]} check images", scorer)
+                if not report.shipped:
+                    writer.path(file).unlink()  # refused: the bundle holds no such graph
+                    log.warning("INT8 graph %s not shipped: %s", file, report.reason)
+                int8[target] = report
+            del calibration
             seconds["int8"] = time.perf_counter() - t
 
         manifest = Manifest(
@@ -503,7 +524,8 @@ def export_bundle(config: ExportConfig) -> ExportReport:
                 layer_channels=list(backbone.channels), layer_strides=list(backbone.strides),
                 projection_dim=config.projection_dim, opset=config.opset, parity=parity, border=config.border,
                 fp16_file=MODEL_FP16_FILE, fp16_parity=parity16,
-                int8_file=MODEL_INT8_FILE if int8 is not None and int8.shipped else None, int8=int8,
+                int8_file=_shipped(int8, "tensorrt"), int8=int8.get("tensorrt"),
+                int8_cpu_file=_shipped(int8, "cpu"), int8_cpu=int8.get("cpu"),
             ),
             memory_bank=MemoryBankSpec(
                 n=bank.shape[0], dim=bank.shape[1], n_features_total=n_total, n_train_images=len(train_kept),

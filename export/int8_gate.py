@@ -113,6 +113,6 @@ def int8_report(pair: GraphPair, good: list[ScoredImages], description: str, tol
         if report.shipped else
         f"the INT8 graph moves the median image score by {report.score_rel_error_median:.2%} (max "
         f"{report.score_rel_error_max:.2%}) on {report.n_images} good images, beyond the tolerance {tolerance:.2%} "
-        "(--int8-tolerance): the bundle keeps float32 only"
+        "(--int8-tolerance): this INT8 graph is not shipped"
     )
     return report

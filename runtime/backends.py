@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import Bundle, Int8Report
 from .errors import BackendUnavailable
 
 BACKENDS = ("auto", "tensorrt", "ort-trt", "ort-cuda", "ort-cpu")
@@ -198,6 +198,19 @@ def _ort_trt_cache_key() -> str:
     return ort_trt_cache_key(sm, key, version)
 
 
+def int8_graph(bundle: Bundle, kind: str) -> tuple[Path | None, Int8Report | None]:
+    """The INT8 graph backend ``kind`` runs and the export's gate figures for it.
+
+    ONNX Runtime CPU takes the CPU graph (``model_int8_cpu.onnx``, U8S8) when the bundle has one: the
+    symmetric TensorRT graph is slower than float32 there (results/int8.md). Every other backend, and CPU
+    with older bundles, takes ``model_int8.onnx``.
+    """
+    cpu = bundle.int8_cpu_model_path
+    if kind == "ort-cpu" and cpu is not None and cpu.is_file():
+        return cpu, bundle.manifest.model.int8_cpu
+    return bundle.int8_model_path, bundle.manifest.model.int8
+
+
 def int8_graph_problem(bundle: Bundle) -> str | None:
     """Why ``bundle`` has no INT8 graph to run (one sentence naming the bundle), or None when it has one."""
     report = bundle.manifest.model.int8
@@ -220,10 +233,11 @@ def _open_one(kind: str, bundle: Bundle, threads: int | None, precision: str | N
             raise BackendUnavailable("ort-trt: int8 is not offered; build a TensorRT INT8 engine from the bundle's "
                                      "QDQ graph (pcedge build-engine --precision int8) and use --backend tensorrt, "
                                      "or run the graph on ort-cuda / ort-cpu")
-        problem = int8_graph_problem(bundle)
+        graph, _ = int8_graph(bundle, kind)
+        problem = None if graph is not None and graph.is_file() else int8_graph_problem(bundle)
         if problem is not None:
             raise BackendUnavailable(f"{kind}: int8 requested, but {problem}")
-        return OrtBackend(bundle.int8_model_path, kind, threads, precision="int8")
+        return OrtBackend(graph, kind, threads, precision="int8")
     if kind == "ort-trt":
         from .tensorrt.ort_provider import ort_trt_cache_dir, ort_trt_provider_options
 

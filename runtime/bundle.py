@@ -47,7 +47,8 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 MODEL_FP16_FILE = "model_fp16.onnx"  # float16 compute, float32 I/O (TensorRT 11 FP16, ORT CUDA fp16)
-MODEL_INT8_FILE = "model_int8.onnx"  # explicitly quantised (QDQ), float32 I/O (TensorRT INT8, ORT CPU/CUDA)
+MODEL_INT8_FILE = "model_int8.onnx"  # explicitly quantised (QDQ, symmetric), float32 I/O (TensorRT INT8, ORT CUDA)
+MODEL_INT8_CPU_FILE = "model_int8_cpu.onnx"  # QDQ, uint8 activations (U8S8), float32 I/O: ONNX Runtime CPU
 MEMORY_BANK_FILE = "memory_bank.npy"
 INDEX_FILE = "index.hnsw"
 CHECK_DIR = "check"
@@ -124,9 +125,12 @@ class Int8Report:
     Both graphs score the same good images (held-out or out-of-fold ones, and the check images) against the
     same banks; ``score_rel_error_*`` is ``|int8 - fp32| / fp32`` per image score. The gate: the INT8 graph
     ships only when ``score_rel_error_median <= tolerance``; otherwise ``shipped`` is false, ``reason`` says
-    why, and the bundle holds no INT8 graph (``ModelSpec.int8_file`` is None).
+    why, and the bundle holds no such graph (``ModelSpec.int8_file`` / ``int8_cpu_file`` is None).
     """
 
+    # Which graph: "tensorrt" (model_int8.onnx, symmetric) or "cpu" (model_int8_cpu.onnx, U8S8). Bundles
+    # written before the CPU graph existed have the TensorRT one only.
+    target: str = "tensorrt"
     calibration: str = ""  # activation-range method: minmax | entropy | percentile
     n_calibration_images: int = 0  # training images the ranges were read from
     quantised_ops: list[str] = field(default_factory=list)  # op types given INT8 inputs
@@ -181,6 +185,10 @@ class ModelSpec:
     # (exported before it existed, with --no-int8, or refused by the parity gate: ``int8.reason``).
     int8_file: str | None = None
     int8: Int8Report | None = None
+    # The INT8 graph for ONNX Runtime CPU (U8S8, every convolution integer; TensorRT cannot build it), with
+    # its own gate figures; None when the bundle has none (older exports run model_int8.onnx on the CPU).
+    int8_cpu_file: str | None = None
+    int8_cpu: Int8Report | None = None
 
 
 @dataclass
@@ -415,6 +423,12 @@ class Bundle:
     def int8_model_path(self) -> Path | None:
         """The INT8 (QDQ) graph beside model.onnx, or None if the bundle has none (or its gate refused it)."""
         rel = self.manifest.model.int8_file
+        return self.root / rel if rel else None
+
+    @property
+    def int8_cpu_model_path(self) -> Path | None:
+        """The INT8 graph for ONNX Runtime CPU (U8S8 QDQ), or None if the bundle has none."""
+        rel = self.manifest.model.int8_cpu_file
         return self.root / rel if rel else None
 
     @property

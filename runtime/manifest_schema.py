@@ -239,6 +239,8 @@ def check_ranges(m: Any, source: str, schema_version: int, fmt: str, manifest_na
     read = [("model.file", model.file), ("memory_bank.file", bank.file)]
     if model.int8_file is not None:
         read.append(("model.int8_file", model.int8_file))
+    if model.int8_cpu_file is not None:
+        read.append(("model.int8_cpu_file", model.int8_cpu_file))
     if index.file is not None:
         read.append(("index.file", index.file))
     check = m.check

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import Backend, open_backend
+from .backends import Backend, int8_graph, open_backend
 from .bundle import BundleError, open_bundle
 from .errors import BackendUnavailable
 from .hnsw_format import HnswFormatError, validate_hnsw_file
@@ -157,7 +157,9 @@ def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precisi
     scores = image_scores(exact_scorer, emb)
     score_rel = float(np.max(np.abs(scores - ref_scores) / np.maximum(np.abs(ref_scores), 1e-30)))
     if prec == "int8":
-        checks.extend(_int8_checks(m.model.int8, emb, ref_emb, scores, ref_scores))
+        # The figures of the graph this backend ran (auto names the backend it chose).
+        _, report = int8_graph(bundle, getattr(backend, "name", backend_kind))
+        checks.extend(_int8_checks(report, emb, ref_emb, scores, ref_scores))
     elif prec == "fp16":
         checks.append(Check("embeddings (fp16)", cos >= FP16_MIN_COSINE,
                             f"min cosine {cos:.5f} (need >= {FP16_MIN_COSINE}); max rel error {rel:.2e}"))

@@ -73,8 +73,8 @@ def add_detector_arguments(parser: argparse.ArgumentParser, index: bool = True) 
     parser.add_argument("--threads", type=THREADS, default=None, help="CPU threads (default: all available)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
                         help="TensorRT engine precision to prefer; with --backend ort-cuda, fp16 runs the bundle's "
-                             "float16 graph (model_fp16.onnx); int8 runs its INT8 graph (model_int8.onnx) on "
-                             "ort-cpu / ort-cuda, or an INT8 engine on tensorrt")
+                             "float16 graph (model_fp16.onnx); int8 runs its INT8 graph: model_int8_cpu.onnx on ort-cpu "
+                             "(model_int8.onnx in older bundles), model_int8.onnx on ort-cuda, an INT8 engine on tensorrt")
     parser.add_argument("--trust", metavar="PUBKEY", default=None,
                         help="refuse the bundle unless it is signed by this Ed25519 public key (see `pcedge sign`)")
     parser.add_argument("--verbose", action="store_true",

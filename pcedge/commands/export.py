@@ -197,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {m.threshold.false_alarm_summary()}")
     if m.model.int8 is not None:
         print(f"  INT8 graph {m.model.int8.summary()}")
+    if m.model.int8_cpu is not None:
+        print(f"  INT8 CPU graph {m.model.int8_cpu.summary()}")
     if m.detectability is not None:
         print(f"  {m.detectability.summary()}")
         if m.detectability.warning:

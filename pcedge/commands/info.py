@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
          if m.model.fp16_file else "fp16 graph  none (TensorRT 11 FP16 engines need one: re-export)"),
         (f"int8 graph  {m.model.int8_file or 'none'}: {m.model.int8.summary()}" if m.model.int8 is not None
          else "int8 graph  none (exported before INT8 graphs, or with --no-int8)"),
+        (f"int8 cpu    {m.model.int8_cpu_file or 'none'}: {m.model.int8_cpu.summary()}" if m.model.int8_cpu is not None
+         else "int8 cpu    none (exported before the ONNX Runtime CPU graph, or with --no-int8; ort-cpu runs "
+              "the int8 graph)"),
         f"memory bank {mb.n} x {mb.dim} {mb.dtype} = {mb.coreset_ratio:.2%} of {mb.n_features_total} features from "
         f"{mb.n_train_images} images ({mb.coreset} coreset, projection {mb.projection_dim}, seed {mb.seed}, "
         f"{mb.selection_seconds:.1f}s); coverage radius {mb.coverage_radius:.4f}",
