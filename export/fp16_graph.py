@@ -10,12 +10,11 @@ reads it exactly like the float32 graph. No torch here.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from pcedge.runtime.bundle import ParityReport
+from pcedge.runtime.files import write_bytes_atomic
 
 
 def write_fp16_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -31,13 +30,7 @@ def write_fp16_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     # (ONNX Runtime, TensorRT's parser) recomputes them, so they are dropped rather than left stale.
     del converted.graph.value_info[:]
     onnx.checker.check_model(converted, full_check=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save(converted, tmp)
-        os.replace(tmp, dst)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_bytes_atomic(dst, converted.SerializeToString())  # a graph under 2 GB: one protobuf, no external data
 
 
 def _sort_nodes(graph) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pcedge.runtime.files import write_bytes_atomic
 
 #: Activation-range methods (``--int8-calibration``), ONNX Runtime's ``CalibrationMethod`` names.
 CALIBRATIONS = ("minmax", "entropy", "percentile")
@@ -164,13 +165,7 @@ def write_int8_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], i
         model = onnx.load(str(quantised))
         onnx.checker.check_model(model, full_check=True)
         _check_interface(reference, model, src)
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            onnx.save(model, tmp)
-            os.replace(tmp, dst)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        write_bytes_atomic(dst, model.SerializeToString())  # a graph under 2 GB: one protobuf, no external data
     return len(keep_float)
 
 
@@ -189,8 +184,14 @@ def _quantise(prepared: Path, quantised: Path, readers: list[_ImageReader], sett
               keep_float: list[str]) -> None:
     """Read the activation ranges with ``settings.calibration``, then ONNX Runtime's static QDQ quantiser with
     ``settings.target``'s recipe (:data:`RECIPES`)."""
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, create_calibrator,
-                                          quantize_static, save_tensors_data)
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        create_calibrator,
+        quantize_static,
+        save_tensors_data,
+    )
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[settings.calibration]
