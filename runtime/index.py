@@ -28,6 +28,7 @@ import hnswlib
 import numpy as np
 
 from .bundle import IndexSpec
+from .core_split import CoreSplit
 from .hnsw_format import HnswFormatError, validate_hnsw_file
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,32 @@ def _sort_rows(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.n
 # Exact search
 # --------------------------------------------------------------------------------------------------
 
+#: Fewest query rows per thread for which :func:`split_rows` splits an exact search: below it the hand-off
+#: to a helper thread costs about what the half saves (a 64-row search of the default 1,176-row bank takes
+#: ~0.2 ms on one thread). A whole image has 784.
+SPLIT_MIN_ROWS_PER_THREAD = 128
+
+#: Largest bank (rows) whose exact search :func:`split_rows` splits over threads. SPLIT_PLACEHOLDER
+SPLIT_MAX_BANK_ROWS: int | None = None
+
+
+def split_rows(m: int, n: int, split: CoreSplit | None) -> list[tuple[int, int]]:
+    """Row ranges ``[(start, stop), ...]`` of ``m`` queries against an ``n``-row bank, one per thread of
+    ``split``; a single range (no split) without one, for few queries, or above SPLIT_MAX_BANK_ROWS.
+
+    Each thread multiplies its rows by the whole bank with numpy's BLAS on one thread (the detector's
+    limit), so a row's product, and so its ranking, is computed the same way with or without the split.
+    Measured against letting BLAS use both cores in one call (``DetectorOptions.blas_threads = 2``): see
+    the constant above and benchmarks/bench_core_split.py.
+    """
+    if split is None or m < SPLIT_MIN_ROWS_PER_THREAD * 2:
+        return [(0, m)]
+    if SPLIT_MAX_BANK_ROWS is not None and n > SPLIT_MAX_BANK_ROWS:
+        return [(0, m)]
+    parts = min(split.threads, m // SPLIT_MIN_ROWS_PER_THREAD)
+    edges = [round(i * m / parts) for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
 
 class ExactIndex:
     """Exact k-NN by a blocked float32 matrix product (BLAS).
@@ -172,9 +199,21 @@ class ExactIndex:
         self._sq_norms = np.einsum("nd,nd->n", self.bank, self.bank)  # |x|^2, [N]
         self.note = f"exact index over {self.n} x {self.dim} bank (blocked matrix product)"
 
-    def query(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``q [M, D]`` float32 -> ``(distances [M, k] float32 ascending, ids [M, k] int64)``."""
+    def query(self, q: np.ndarray, k: int, split: CoreSplit | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``q [M, D]`` float32 -> ``(distances [M, k] float32 ascending, ids [M, k] int64)``.
+
+        ``split`` (optional): a whole image's queries are cut into one block of rows per thread, each
+        searched on its own thread with numpy's BLAS on one thread (see :func:`split_rows`).
+        """
         q = _check_query(q, k, self.n, self.dim)
+        parts = split_rows(q.shape[0], self.n, split)
+        if len(parts) > 1:
+            answers = split.map(lambda rows: self._query_rows(q[rows[0] : rows[1]], k), parts)
+            return (np.concatenate([a[0] for a in answers]), np.concatenate([a[1] for a in answers]))
+        return self._query_rows(q, k)
+
+    def _query_rows(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`query` on checked queries, on the calling thread."""
         ids = np.empty((q.shape[0], k), dtype=np.int64)
         for start in range(0, q.shape[0], self.query_block):
             stop = start + self.query_block
@@ -323,11 +362,14 @@ class PrunedExactIndex(ExactIndex):
         bound += self._bank_term
         return bound
 
-    def query(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``q [M, D]`` float32 -> ``(distances [M, k] float32 ascending, ids [M, k] int64)``, exact."""
+    def query(self, q: np.ndarray, k: int, split: CoreSplit | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``q [M, D]`` float32 -> ``(distances [M, k] float32 ascending, ids [M, k] int64)``, exact.
+
+        ``split`` only applies to the calls that use the blocked product (see :meth:`ExactIndex.query`).
+        """
         q = _check_query(q, k, self.n, self.dim)
         if q.shape[0] > self.max_pruned_queries or q.shape[0] * self.n > _PRUNE_MAX_BOUND_ENTRIES or k == self.n:
-            return super().query(q, k)
+            return super().query(q, k, split)
         m = q.shape[0]
         bound = self.lower_bounds_sq(q)  # [M, N]
         if k == 1:  # argmin is one pass; argpartition would allocate an int64 [M, N]
