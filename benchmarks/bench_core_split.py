@@ -79,13 +79,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def median_ms(work: Callable[[], object], repeats: int) -> float:
-    work()  # warm: buffers, plans, BLAS wake-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
+def median_ms(work: Callable[[], object], repeats: int, blas: int = 1) -> float:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=blas, user_api="blas"):
+        work()  # warm: buffers, plans, BLAS wake-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - start)
     return float(np.median(times) * 1e3)
 
 
@@ -132,22 +135,18 @@ def index_cases(bank: np.ndarray, queries: np.ndarray, split) -> dict:
         index = ExactIndex(big)
         name = f"{big.shape[0]} rows"
 
-        def one(index=index, threads=1):
-            with threadpool_limits(limits=threads, user_api="blas"):
-                return index.query(queries, 1)
-
-        cases[("index", name, "one call, 1 BLAS thread")] = one
-        cases[("index", name, "one call, 2 BLAS threads")] = (lambda one=one: one(threads=2))
+        # The BLAS limit is set around each variant's whole timing loop (BLAS_THREADS), not per call:
+        # threadpoolctl scans the loaded libraries each time, which would add ~1 ms to every call.
+        cases[("index", name, "one call, 1 BLAS thread")] = (lambda index=index: index.query(queries, 1))
+        cases[("index", name, "one call, 2 BLAS threads")] = (lambda index=index: index.query(queries, 1))
         cases[("index", name, "split 2, 1 BLAS thread each")] = (
-            lambda index=index: _split_query(index, queries, split))
+            lambda index=index: index.query(queries, 1, split))
     return cases
 
 
-def _split_query(index, queries, split):
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        return index.query(queries, 1, split)
+def blas_threads(variant: str) -> int:
+    """numpy's BLAS threads while a variant is timed: 2 only for the variant that says so."""
+    return 2 if "2 BLAS threads" in variant else 1
 
 
 def backbone_cases(model: Path, image: np.ndarray) -> dict:
@@ -219,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             banded = work()
             notes[(section, case, variant)] = f"bit-identical to one call: {bool(np.array_equal(one, banded))}"
         if section == "index" and variant.startswith("split"):
-            d1, i1 = cases[(section, case, "one call, 1 BLAS thread")]()
-            d2, i2 = work()
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=1, user_api="blas"):
+                d1, i1 = cases[(section, case, "one call, 1 BLAS thread")]()
+                d2, i2 = work()
             notes[(section, case, variant)] = (f"ids equal: {bool(np.array_equal(i1, i2))}, "
                                                f"distances equal: {bool(np.array_equal(d1, d2))}")
     report = Report(str(bundle), machine_info(), args.repeats, args.rounds, [])
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         report.loadavg_by_round.append(load_average())
         order = keys[number % len(keys):] + keys[: number % len(keys)]  # rotate who goes first
         for key in order:
-            by_round[key].append(median_ms(cases[key], args.repeats))
+            by_round[key].append(median_ms(cases[key], args.repeats, blas_threads(key[2])))
         log(f"round {number + 1}/{args.rounds} done, load {report.loadavg_by_round[-1]}")
     split.close()
     for key in keys:
