@@ -62,3 +62,9 @@ class CoreSplit:
         if self._helpers is not None:
             self._helpers.shutdown(wait=True)
             self._helpers = None
+
+    def __enter__(self) -> "CoreSplit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

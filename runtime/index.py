@@ -134,27 +134,33 @@ def _sort_rows(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.n
 # Exact search
 # --------------------------------------------------------------------------------------------------
 
-#: Fewest query rows per thread for which :func:`split_rows` splits an exact search: below it the hand-off
-#: to a helper thread costs about what the half saves (a 64-row search of the default 1,176-row bank takes
-#: ~0.2 ms on one thread). A whole image has 784.
+#: Fewest query rows per thread for which :func:`split_rows` splits an exact search. A whole image (784
+#: queries) splits; the re-scoring pass's calls (<= 64 queries, pruned) never reach it, and below ~128 rows
+#: per thread the hand-off to the helper (tens of microseconds, more when another process holds the other
+#: core) is most of what the half saves.
 SPLIT_MIN_ROWS_PER_THREAD = 128
 
-#: Largest bank (rows) whose exact search :func:`split_rows` splits over threads. SPLIT_PLACEHOLDER
-SPLIT_MAX_BANK_ROWS: int | None = None
 
-
-def split_rows(m: int, n: int, split: CoreSplit | None) -> list[tuple[int, int]]:
-    """Row ranges ``[(start, stop), ...]`` of ``m`` queries against an ``n``-row bank, one per thread of
-    ``split``; a single range (no split) without one, for few queries, or above SPLIT_MAX_BANK_ROWS.
+def split_rows(m: int, split: CoreSplit | None) -> list[tuple[int, int]]:
+    """Row ranges ``[(start, stop), ...]`` of ``m`` queries, one per thread of ``split``; a single range (no
+    split) without one or for few queries.
 
     Each thread multiplies its rows by the whole bank with numpy's BLAS on one thread (the detector's
     limit), so a row's product, and so its ranking, is computed the same way with or without the split.
-    Measured against letting BLAS use both cores in one call (``DetectorOptions.blas_threads = 2``): see
-    the constant above and benchmarks/bench_core_split.py.
+    Measured on this machine (benchmarks/bench_core_split.py, results/core_split.json: one image's 784 real
+    queries, 5 interleaved rounds, load average 2.3-2.6 on 2 cores -- another engineer's job held one core),
+    median of rounds / best round in ms, one call on 1 BLAS thread | one call on 2 BLAS threads | this split:
+      1,176 rows (the default bundle) 2.34 / 2.29 | 3.61 / 1.59 | 2.52 / 1.77
+      2,352 rows 4.41 / 4.29 | 7.15 / 2.90 | 3.07 / 2.77
+      4,704 rows 9.49 / 8.86 | 6.01 / 5.92 | 5.54 / 5.29
+     11,760 rows 24.5 / 23.9 | 15.1 / 14.8 | 13.2 / 12.6
+    So two threads do not lose on big banks (no cap by bank size), and the split beats BLAS's own pool
+    everywhere but the default bank's best round, where BLAS's 0.2 ms better is paid for by its much worse
+    median: its threads busy-wait, and whenever another process holds a core they stall (2.5x the CPU
+    time per frame in the watch pipeline, results/watch_threads.json). When another process holds the
+    second core, the split costs about 0.2 ms more than one thread (the helper waits for a time slice).
     """
     if split is None or m < SPLIT_MIN_ROWS_PER_THREAD * 2:
-        return [(0, m)]
-    if SPLIT_MAX_BANK_ROWS is not None and n > SPLIT_MAX_BANK_ROWS:
         return [(0, m)]
     parts = min(split.threads, m // SPLIT_MIN_ROWS_PER_THREAD)
     edges = [round(i * m / parts) for i in range(parts + 1)]
@@ -206,7 +212,7 @@ class ExactIndex:
         searched on its own thread with numpy's BLAS on one thread (see :func:`split_rows`).
         """
         q = _check_query(q, k, self.n, self.dim)
-        parts = split_rows(q.shape[0], self.n, split)
+        parts = split_rows(q.shape[0], split)
         if len(parts) > 1:
             answers = split.map(lambda rows: self._query_rows(q[rows[0] : rows[1]], k), parts)
             return (np.concatenate([a[0] for a in answers]), np.concatenate([a[1] for a in answers]))

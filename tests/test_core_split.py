@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import pytest
 
-from pcedge.runtime import index as index_module
 from pcedge.runtime import preprocess
 from pcedge.runtime.area_bands import area_table, plan_area_bands
 from pcedge.runtime.bundle import Geometry
@@ -146,8 +145,8 @@ def test_network_input_with_a_split_is_the_one_threads(geometry, split, every_si
 def test_small_frames_are_not_split(split):
     buffers = InputBuffers(Geometry("stretch", 224, 224), split)
     small = np.zeros((460, 1130, 3), np.uint8)  # the camera's frame: split
-    tiny = np.zeros((280, 448, 3), np.uint8)  # an exact boundary exists, but below MIN_SPLIT_SOURCE_PIXELS
-    assert 280 * 448 < preprocess.MIN_SPLIT_SOURCE_PIXELS <= 460 * 1130 and plan_area_bands(280, 448, 224, 224, 2)
+    tiny = np.zeros((224, 280, 3), np.uint8)  # an exact boundary exists, but below MIN_SPLIT_SOURCE_PIXELS
+    assert 224 * 280 < preprocess.MIN_SPLIT_SOURCE_PIXELS <= 460 * 1130 and plan_area_bands(224, 280, 224, 224, 2)
     calls = []
     original = split.map
     split.map = lambda work, parts: calls.append(len(parts)) or original(work, parts)
@@ -160,13 +159,16 @@ def test_small_frames_are_not_split(split):
 # ------------------------------------------------------------------ the exact index's split
 
 
-def test_split_rows_rule(monkeypatch, split):
-    assert split_rows(784, 1176, None) == [(0, 784)]
-    assert split_rows(784, 1176, split) == [(0, 392), (392, 784)]
-    assert split_rows(255, 1176, split) == [(0, 255)]  # too few rows per thread to pay the hand-off
-    assert split_rows(256, 1176, split) == [(0, 128), (128, 256)]
-    monkeypatch.setattr(index_module, "SPLIT_MAX_BANK_ROWS", 2000)
-    assert split_rows(784, 2001, split) == [(0, 784)] and len(split_rows(784, 2000, split)) == 2
+def test_split_rows_rule(split):
+    assert split_rows(784, None) == [(0, 784)]
+    assert split_rows(784, split) == [(0, 392), (392, 784)]  # one image
+    assert split_rows(8 * 784, split) == [(0, 3136), (3136, 6272)]  # a batch
+    assert split_rows(64, split) == [(0, 64)]  # the re-scoring pass's largest call: never split
+    assert split_rows(255, split) == [(0, 255)]  # too few rows per thread to pay the hand-off
+    assert split_rows(256, split) == [(0, 128), (128, 256)]
+    with CoreSplit(3) as three:
+        assert split_rows(300, three) == [(0, 150), (150, 300)]  # not below 128 rows per thread
+        assert split_rows(784, three) == [(0, 261), (261, 523), (523, 784)]
 
 
 @pytest.mark.parametrize("k", [1, 9])
