@@ -11,11 +11,23 @@ on separate threads, does not use one.
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
 Part = TypeVar("Part")
 Out = TypeVar("Out")
+
+
+#: Calls in a row whose helper part started only after the caller had finished its own part before the
+#: split stands down: the other cores are busy (another process holds them) and the hand-off only adds a
+#: wait. Measured (bench_latency.py with --variants no-split, another job on the second core throughout):
+#: the split then cost ~0.07 ms in preprocessing and ~0.2 ms in the index per frame.
+LATE_CALLS_TO_STAND_DOWN = 3
+
+#: Calls run on the caller's thread alone once the split has stood down, before it tries the helpers again.
+STAND_DOWN_CALLS = 64
 
 
 class CoreSplit:
@@ -25,6 +37,11 @@ class CoreSplit:
     helpers; the results come back in the parts' order and an exception in any part is raised to the
     caller after every part has finished (no part is left writing into memory the caller reuses).
     Several threads may call :meth:`map` at once: their helper parts queue for the same helpers.
+
+    Only while it helps: when a helper's part keeps starting after the caller has already finished its
+    own (LATE_CALLS_TO_STAND_DOWN calls in a row), the next STAND_DOWN_CALLS calls run every part on the
+    caller's thread, one after the other, and then the helpers are tried again. The parts and their
+    results are the same either way; only where they run changes.
     """
 
     def __init__(self, threads: int):
@@ -33,29 +50,56 @@ class CoreSplit:
         self.threads = int(threads)
         self._helpers: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=self.threads - 1,
                                                                      thread_name_prefix="pcedge-split")
+        self._lock = threading.Lock()  # guards the two counters below (several callers may map at once)
+        self._late_in_a_row = 0
+        self._alone_left = 0  # calls still to run on the caller's thread alone
+        self.stood_down = 0  # how many times the split stood down (for tests and benchmarks)
 
     def map(self, work: Callable[[Part], Out], parts: Sequence[Part]) -> list[Out]:
         """``[work(p) for p in parts]``, the parts run concurrently (at most ``threads`` at a time)."""
         if self._helpers is None:
             raise RuntimeError("this CoreSplit is closed")
-        if len(parts) <= 1:
+        if len(parts) <= 1 or self._take_alone_call():
             return [work(p) for p in parts]
-        futures = [self._helpers.submit(work, p) for p in parts[1:]]
+        started: list[float] = []
+
+        def helper_part(part: Part) -> Out:
+            started.append(time.perf_counter())  # list.append is atomic under the GIL
+            return work(part)
+
+        futures = [self._helpers.submit(helper_part, p) for p in parts[1:]]
         first: list[Out] = []
         error: BaseException | None = None
         try:
             first.append(work(parts[0]))
         except BaseException as exc:  # re-raised below, after the helpers' parts are done
             error = exc
+        own_done = time.perf_counter()
         rest = []
         for future in futures:
             try:
                 rest.append(future.result())
             except BaseException as exc:
                 error = error or exc
+        self._record(late=any(t > own_done for t in started))
         if error is not None:
             raise error
         return first + rest
+
+    def _take_alone_call(self) -> bool:
+        with self._lock:
+            if self._alone_left > 0:
+                self._alone_left -= 1
+                return True
+            return False
+
+    def _record(self, late: bool) -> None:
+        with self._lock:
+            self._late_in_a_row = self._late_in_a_row + 1 if late else 0
+            if self._late_in_a_row >= LATE_CALLS_TO_STAND_DOWN:
+                self._late_in_a_row = 0
+                self._alone_left = STAND_DOWN_CALLS
+                self.stood_down += 1
 
     def close(self) -> None:
         """Stop the helper threads (waits for parts in flight); idempotent."""

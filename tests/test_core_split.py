@@ -239,3 +239,29 @@ def test_watch_backbone_thread_does_not_split(fixture_bundle):
         pipeline = WatchPipeline(detector, source)
         assert pipeline._inputs.split is None
         source.release()
+
+
+def test_core_split_stands_down_while_the_helpers_are_late(monkeypatch):
+    from pcedge.runtime import core_split
+
+    monkeypatch.setattr(core_split, "STAND_DOWN_CALLS", 2)
+    threads_used = []
+
+    def work(part):
+        threads_used.append(threading.current_thread().name)
+        return part
+
+    with CoreSplit(2) as pool:
+        for _ in range(core_split.LATE_CALLS_TO_STAND_DOWN):
+            busy = threading.Event()
+            pool._helpers.submit(busy.wait)  # another job holds the helper for 50 ms: its part starts late
+            threading.Timer(0.05, busy.set).start()
+            assert pool.map(work, [1, 2]) == [1, 2]
+        assert pool.stood_down == 1
+        threads_used.clear()
+        for _ in range(2):  # stood down: every part on the caller's thread, same results
+            assert pool.map(work, [3, 4]) == [3, 4]
+        assert threads_used == [threading.current_thread().name] * 4
+        threads_used.clear()
+        assert pool.map(work, [5, 6]) == [5, 6]  # then the helpers again
+        assert any(name.startswith("pcedge-split") for name in threads_used) and pool.stood_down == 1
