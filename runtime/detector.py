@@ -104,6 +104,10 @@ class DetectorOptions:
     # BLAS stays on blas_threads). None: `threads` if set, else every usable CPU; 1: no split. The watch
     # pipeline and servers call embed/score_embeddings, which never split: their stages already overlap.
     split_threads: int | None = None
+    # ONNX Runtime's intra-op threads busy-wait during a run and stop when it returns (OrtBackend). Faster
+    # when the detector owns the machine, far slower when another process holds a core (numbers in
+    # runtime/backends.py); the watch pipeline's stages overlap and need it off.
+    ort_spinning: bool = False
 
 
 class Detector:
@@ -139,7 +143,8 @@ class Detector:
         """
         options = options or DetectorOptions(**kwargs)
         bundle = open_bundle(bundle_path, verify=options.verify_checksums, trust=options.trusted_key)
-        backend = open_backend(options.backend, bundle, threads=options.threads, precision=options.precision)
+        backend = open_backend(options.backend, bundle, threads=options.threads, precision=options.precision,
+                               spinning=options.ort_spinning)
         try:
             return cls(bundle, backend, options)
         except Exception:

@@ -265,3 +265,19 @@ def test_core_split_stands_down_while_the_helpers_are_late(monkeypatch):
         threads_used.clear()
         assert pool.map(work, [5, 6]) == [5, 6]  # then the helpers again
         assert any(name.startswith("pcedge-split") for name in threads_used) and pool.stood_down == 1
+
+
+def test_ort_spinning_is_opt_in_and_stops_after_each_run(fixture_bundle):
+    """DetectorOptions.ort_spinning: off by default (watch needs it off); on, the threads stop after a run."""
+    with Detector.open(fixture_bundle, backend="ort-cpu", index="exact") as default:
+        options = default.backend.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert not default.backend.spinning and "spinning" not in default.description
+        reference = default(PHOTO)
+    with Detector.open(fixture_bundle, backend="ort-cpu", index="exact", ort_spinning=True) as spinning:
+        options = spinning.backend.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert "spinning during runs" in spinning.description
+        result = spinning(PHOTO)
+    assert result.score == pytest.approx(reference.score, rel=1e-6)
