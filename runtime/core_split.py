@@ -22,12 +22,13 @@ Out = TypeVar("Out")
 
 #: Calls in a row whose helper part started only after the caller had finished its own part before the
 #: split stands down: the other cores are busy (another process holds them) and the hand-off only adds a
-#: wait. Measured (bench_latency.py with --variants no-split, another job on the second core throughout):
-#: the split then cost ~0.07 ms in preprocessing and ~0.2 ms in the index per frame.
-LATE_CALLS_TO_STAND_DOWN = 3
+#: wait (measured with another job on the second core throughout: the split then cost 0.1-0.2 ms a frame,
+#: results/latency.md). Eight, not fewer: a short burst (BLAS's own threads still spinning after a call)
+#: made 3 in a row stand the split down on a quiet machine (benchmarks/bench_core_split.py).
+LATE_CALLS_TO_STAND_DOWN = 8
 
 #: Calls run on the caller's thread alone once the split has stood down, before it tries the helpers again.
-STAND_DOWN_CALLS = 64
+STAND_DOWN_CALLS = 32
 
 
 class CoreSplit:
