@@ -97,8 +97,9 @@ class OrtBackend:
             # Opt-in for a session that owns the machine (DetectorOptions.ort_spinning): the intra-op threads
             # busy-wait between the ops of a run and stop as soon as it returns, so the stages after it get
             # the cores. Measured (bench_latency.py --variants ort-spinning-stop, results/latency.md): quiet
-            # machine 6.73 -> 6.09 ms end to end (backbone 3.35 -> 2.71); with another process on one of
-            # the 2 cores 9.9 -> 16.4 ms (the spinning thread fights it for the core), hence not the default.
+            # machine 6.93 -> 6.15 ms end to end (backbone 3.45 -> 2.74); in an earlier run with another
+            # process on one of the 2 cores 9.9 -> 16.4 ms (the spinning thread fights it for the core),
+            # hence not the default.
             options.add_session_config_entry("session.force_spinning_stop", "1")
         # Quiet: warnings about unused initialisers etc. are not the user's concern.
         options.log_severity_level = 3

@@ -148,17 +148,18 @@ def split_rows(m: int, split: CoreSplit | None) -> list[tuple[int, int]]:
     Each thread multiplies its rows by the whole bank with numpy's BLAS on one thread (the detector's
     limit), so a row's product, and so its ranking, is computed the same way with or without the split.
     Measured on this machine (benchmarks/bench_core_split.py, results/core_split.json: one image's 784 real
-    queries, 5 interleaved rounds, load average 2.3-2.6 on 2 cores -- another engineer's job held one core),
-    median of rounds / best round in ms, one call on 1 BLAS thread | one call on 2 BLAS threads | this split:
-      1,176 rows (the default bundle) 2.34 / 2.29 | 3.61 / 1.59 | 2.52 / 1.77
-      2,352 rows 4.41 / 4.29 | 7.15 / 2.90 | 3.07 / 2.77
-      4,704 rows 9.49 / 8.86 | 6.01 / 5.92 | 5.54 / 5.29
-     11,760 rows 24.5 / 23.9 | 15.1 / 14.8 | 13.2 / 12.6
-    So two threads do not lose on big banks (no cap by bank size), and the split beats BLAS's own pool
-    everywhere but the default bank's best round, where BLAS's 0.2 ms better is paid for by its much worse
-    median: its threads busy-wait, and whenever another process holds a core they stall (2.5x the CPU
-    time per frame in the watch pipeline, results/watch_threads.json). When another process holds the
-    second core, the split costs about 0.2 ms more than one thread (the helper waits for a time slice).
+    queries, 5 interleaved rounds, quiet, load average 1.4-1.5), median of rounds in ms, one call on 1 BLAS
+    thread | one call on 2 BLAS threads | this split:
+      1,176 rows (the default bundle) 2.12 | 1.51 | 1.62
+      2,352 rows 4.12 | 2.64 | 2.56
+      4,704 rows 8.59 | 5.36 | 4.98
+     11,760 rows 21.5 | 13.1 | 11.5
+    So two threads do not lose on big banks (no cap by bank size). BLAS's own pool is 0.1 ms faster at the
+    default bank when the machine is quiet, but its limit is process-wide (the watch pipeline needs one BLAS
+    thread) and its threads busy-wait: with another job on one core (an earlier run, load 2.3-2.6) it took
+    3.61 ms there against the split's 2.52, and 2.4x the CPU time per frame in the watch pipeline
+    (results/watch_threads.json). With the second core busy the split itself costs ~0.2 ms (the helper waits
+    for a time slice) until CoreSplit stands down.
     """
     if split is None or m < SPLIT_MIN_ROWS_PER_THREAD * 2:
         return [(0, m)]

@@ -208,10 +208,10 @@ def _resize(image: np.ndarray, width: int, height: int, buffer: "_ResizeBuffer |
 
 #: Frames smaller than this (source pixels) are resized in one call even when a split is offered: the
 #: hand-off to a helper thread would eat the saving. Measured (benchmarks/bench_core_split.py, results/
-#: core_split.json, shrink to 224x224 of a uint8 BGR frame, best of 5 rounds / median, load 2.3-2.6 with
-#: another job on one core): 1130x460 1.47 -> 0.88 ms / 1.50 -> 1.57; 565x230 0.57 -> 0.39 / 0.59 -> 0.62;
-#: 336x252 (85k pixels) 0.35 -> 0.27 / 0.36 -> 0.38. Still a gain at 85k when the second core is free, and
-#: never more than ~0.07 ms lost when it is not; below 64k pixels the whole resize is ~0.2 ms.
+#: core_split.json, shrink of a uint8 BGR frame to 224x224, median of 5 rounds, quiet machine): 1130x460
+#: 1.45 -> 0.80 ms, 565x230 0.57 -> 0.38, 336x252 (85k pixels) 0.36 -> 0.26: still a gain at 85k; in an
+#: earlier run with another job on the second core, never more than ~0.07 ms lost. Below 64k pixels the
+#: whole resize is ~0.2 ms.
 MIN_SPLIT_SOURCE_PIXELS = 64 * 1024
 
 
