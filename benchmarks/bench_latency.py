@@ -24,9 +24,11 @@ baseline code cannot open the bundle (a newer manifest), it exports its own with
     python benchmarks/bench_latency.py        # -> results/latency.json, results/latency.md (~2 min)
     python benchmarks/bench_latency.py --rounds 5 --repeats 500
     python benchmarks/bench_latency.py --rows current-fp32 --variants shipped ort-spinning blas-unlimited
+    python benchmarks/bench_latency.py --rows current-fp32 --variants shipped no-split ort-spinning-stop
 
 ``--variants`` adds the process-level thread settings the runtime's defaults replaced (ONNX Runtime's
-intra-op spinning, numpy's BLAS on every core), as extra rows on the current code.
+intra-op spinning, numpy's BLAS on every core, the single-stream path's resize and index on one thread:
+``no-split``), as extra rows on the current code.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class Variant:
     ort_spinning: bool | None  # None: as the runtime's backend sets it
     blas_threads: str  # "default" (DetectorOptions' own), "none" (numpy's: every core) or N
     description: str
+    split_threads: str = "default"  # "default" (DetectorOptions' own) or N (DetectorOptions.split_threads)
+    ort_spinning_stop: bool = False  # with ort_spinning: ONNX Runtime's session.force_spinning_stop as well
 
 
 VARIANTS = {
@@ -83,6 +87,12 @@ VARIANTS = {
     "blas-unlimited": Variant("blas-unlimited", None, "none",
                               "numpy's BLAS on its default thread count (every core) for the exact index"),
     "previous-defaults": Variant("previous-defaults", True, "none", "both: ONNX Runtime's and numpy's defaults"),
+    "no-split": Variant("no-split", None, "default",
+                        "the single-stream path's resize and exact index on one thread (split_threads = 1)",
+                        split_threads="1"),
+    "ort-spinning-stop": Variant("ort-spinning-stop", True, "default",
+                                 "ONNX Runtime's intra-op threads spin during a run and stop when it returns "
+                                 "(session.force_spinning_stop)", ort_spinning_stop=True),
 }
 
 
@@ -187,6 +197,10 @@ def run_worker(row: Row, tree: Path, bundle: Path, args: argparse.Namespace, bas
         command += ["--threads", str(args.threads)]
     if variant.ort_spinning is not None:
         command += ["--ort-spinning", "1" if variant.ort_spinning else "0"]
+    if variant.ort_spinning_stop:
+        command += ["--ort-spinning-stop"]
+    if variant.split_threads != "default":
+        command += ["--split-threads", variant.split_threads]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-8:])

@@ -89,26 +89,31 @@ def open_detector(args: argparse.Namespace, bundle: Path):
     options = DetectorOptions(backend="ort-cpu", index=args.index, threads=args.threads, precision=precision)
     if args.blas_threads != "default":
         options.blas_threads = None if args.blas_threads == "none" else int(args.blas_threads)
+    if args.split_threads is not None:
+        options.split_threads = args.split_threads
     try:
         detector = Detector.open(bundle, options)
     except (BundleError, BackendUnavailable, ValueError) as exc:
         graphs = sorted(p.name for p in bundle.glob("*.onnx"))
         return None, f"{type(exc).__name__}: {exc} (graphs in the bundle: {', '.join(graphs) or 'none'})"
     if args.ort_spinning is not None:
-        _respin(detector, bundle, args.ort_spinning)
+        _respin(detector, bundle, args.ort_spinning, args.ort_spinning_stop)
     return detector, ""
 
 
-def _respin(detector, bundle: Path, spinning: bool) -> None:
-    """Re-create the ONNX Runtime session with the same options but intra-op spinning set (a thread variant)."""
+def _respin(detector, bundle: Path, spinning: bool, stop_after_run: bool = False) -> None:
+    """Re-create the ONNX Runtime session with the same options but intra-op spinning set (a thread variant);
+    ``stop_after_run``: the pool's threads stop spinning as soon as a run returns (force_spinning_stop)."""
     import onnxruntime as ort
 
     backend = detector.backend
     options = backend.session.get_session_options()
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if stop_after_run:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     model = backend.session._model_path  # the graph the backend chose (FP32 or INT8)
     backend.session = ort.InferenceSession(model, sess_options=options, providers=backend.session.get_providers())
-    backend.description += f" [allow_spinning={int(spinning)}]"
+    backend.description += f" [allow_spinning={int(spinning)}{', force_spinning_stop' if stop_after_run else ''}]"
 
 
 def usable_bundle(args: argparse.Namespace) -> tuple[Path, str]:
@@ -146,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--blas-threads", default="default", help="'default' (the runtime's), 'none' or N")
     parser.add_argument("--ort-spinning", type=lambda s: s == "1", default=None, help="0/1: re-create the session so")
+    parser.add_argument("--ort-spinning-stop", action="store_true", help="with --ort-spinning 1: force_spinning_stop")
+    parser.add_argument("--split-threads", type=int, default=None, help="DetectorOptions.split_threads")
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--out", type=Path, required=True)

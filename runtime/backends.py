@@ -70,7 +70,8 @@ class OrtBackend:
     """
 
     def __init__(self, model_path: Path, kind: str = "ort-cpu", threads: int | None = None,
-                 provider_options: dict | None = None, *, max_batch: int | None = None, precision: str = "fp32"):
+                 provider_options: dict | None = None, *, max_batch: int | None = None, precision: str = "fp32",
+                 spinning: bool = False):
         ort = import_onnxruntime()
         self.session = None
         self.max_batch = max_batch
@@ -94,7 +95,15 @@ class OrtBackend:
         # No busy-waiting after a run: the intra-op threads would otherwise spin for a while on the cores
         # that preprocessing, the index and the scorer need next. Measured on BSData, 2 cores, batch 1
         # (benchmarks/bench_latency.py): 26.4 -> 13.6 ms median end to end.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if spinning:
+            # Opt-in for a session that owns the machine (DetectorOptions.ort_spinning): the intra-op threads
+            # busy-wait between the ops of a run and stop as soon as it returns, so the stages after it get
+            # the cores. Measured (bench_latency.py --variants ort-spinning-stop, results/latency.md): quiet
+            # machine 6.93 -> 6.15 ms end to end (backbone 3.45 -> 2.74); in an earlier run with another
+            # process on one of the 2 cores 9.9 -> 16.4 ms (the spinning thread fights it for the core),
+            # hence not the default.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         # Quiet: warnings about unused initialisers etc. are not the user's concern.
         options.log_severity_level = 3
         providers: list = [(provider, provider_options or {})]
@@ -114,7 +123,9 @@ class OrtBackend:
         self.output_name = self.session.get_outputs()[0].name
         self.threads = options.intra_op_num_threads
         graph = "" if precision == "fp32" else f", {precision}"
-        self.description = f"{kind} (onnxruntime {ort.__version__}, {provider}{graph}, {self.threads} threads)"
+        self.spinning = spinning
+        spin = ", spinning during runs" if spinning else ""
+        self.description = f"{kind} (onnxruntime {ort.__version__}, {provider}{graph}, {self.threads} threads{spin})"
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """``[B, 3, H, W]`` float32 -> ``[B, h*w, D]`` float32; batches above ``max_batch`` are split."""
@@ -224,7 +235,8 @@ def int8_graph_problem(bundle: Bundle) -> str | None:
             "re-export it with this pcedge, or use --precision fp32 or fp16")
 
 
-def _open_one(kind: str, bundle: Bundle, threads: int | None, precision: str | None) -> Backend:
+def _open_one(kind: str, bundle: Bundle, threads: int | None, precision: str | None,
+              spinning: bool = False) -> Backend:
     manifest = bundle.manifest
     if kind == "tensorrt":
         return _open_tensorrt(bundle, precision)
@@ -245,14 +257,14 @@ def _open_one(kind: str, bundle: Bundle, threads: int | None, precision: str | N
         options = ort_trt_provider_options(bundle.root, fp16=fp16,
                                            cache_dir=ort_trt_cache_dir(bundle.root, _ort_trt_cache_key()))
         return OrtBackend(bundle.model_path, kind, threads, options, max_batch=manifest.input.max_batch,
-                          precision="fp16" if fp16 else "fp32")
+                          precision="fp16" if fp16 else "fp32", spinning=spinning)
     if kind == "ort-cuda" and precision == "fp16":
         fp16_graph = bundle.fp16_model_path
         if fp16_graph is None or not fp16_graph.is_file():
             raise BackendUnavailable(f"ort-cuda: fp16 requested, but {bundle.root} has no float16 graph "
                                      "(re-export the bundle with this pcedge, or use --precision fp32)")
-        return OrtBackend(fp16_graph, kind, threads, precision="fp16")
-    return OrtBackend(bundle.model_path, kind, threads)
+        return OrtBackend(fp16_graph, kind, threads, precision="fp16", spinning=spinning)
+    return OrtBackend(bundle.model_path, kind, threads, spinning=spinning)
 
 
 def _warm_up(backend: Backend, bundle: Bundle) -> None:
@@ -271,7 +283,8 @@ def _warm_up(backend: Backend, bundle: Bundle) -> None:
         raise ValueError("first inference returned NaN or infinite values")
 
 
-def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precision: str | None = None) -> Backend:
+def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precision: str | None = None,
+                 spinning: bool = False) -> Backend:
     """Open backend ``kind`` (one of :data:`BACKENDS`) for ``bundle``; ``auto`` tries them best-first.
 
     An explicit ``kind`` that cannot run raises :class:`BackendUnavailable` (whatever failed inside: a
@@ -287,7 +300,7 @@ def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precisio
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if kind != "auto":
         try:
-            backend = _open_one(kind, bundle, threads, precision)
+            backend = _open_one(kind, bundle, threads, precision, spinning)
         except BackendUnavailable:
             raise
         except Exception as exc:  # a broken accelerator: a clear error, never a traceback
@@ -302,7 +315,7 @@ def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precisio
         try:
             # int8 is asked of every candidate (never a silent float32 fallback); fp16 of TensorRT only.
             wanted = precision if candidate == "tensorrt" or precision == "int8" else None
-            backend = _open_one(candidate, bundle, threads, wanted)
+            backend = _open_one(candidate, bundle, threads, wanted, spinning)
             _warm_up(backend, bundle)
         except Exception as exc:  # anything a broken accelerator raises: move on, say why in one line
             skipped.append(BackendChoice(candidate, _short_reason(candidate, exc)))

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import Backend, open_backend
+from .backends import Backend, default_threads, open_backend
 from .bundle import Bundle, Manifest, open_bundle
+from .core_split import CoreSplit
 from .index import PrunedExactIndex, make_index
 from .preprocess import InputBuffers, Placement, read_image
 from .scoring import Scorer, normalise
@@ -34,6 +35,14 @@ def _limit_blas_threads(threads: int | None):
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=threads, user_api="blas")
+
+
+def _open_split(options: "DetectorOptions") -> CoreSplit | None:
+    """The single-stream path's helper threads (DetectorOptions.split_threads), or None for one thread."""
+    threads = options.split_threads if options.split_threads is not None else (options.threads or default_threads())
+    if threads < 1:
+        raise ValueError(f"split_threads must be at least 1, got {threads}")
+    return CoreSplit(threads) if threads > 1 else None
 
 
 @dataclass
@@ -90,6 +99,15 @@ class DetectorOptions:
     # another process holds the other cores (measured: 16 x 10584 x 152 took 0.9 ms on one thread, 7.6 ms
     # on two under load). None leaves numpy's setting alone.
     blas_threads: int | None = 1
+    # Threads the single-stream path (batch, run_frames: the detector owns the machine) splits a frame's
+    # INTER_AREA shrink and the exact index's search over, with its own helper threads (runtime/core_split.py;
+    # BLAS stays on blas_threads). None: `threads` if set, else every usable CPU; 1: no split. The watch
+    # pipeline and servers call embed/score_embeddings, which never split: their stages already overlap.
+    split_threads: int | None = None
+    # ONNX Runtime's intra-op threads busy-wait during a run and stop when it returns (OrtBackend). Faster
+    # when the detector owns the machine, far slower when another process holds a core (numbers in
+    # runtime/backends.py); the watch pipeline's stages overlap and need it off.
+    ort_spinning: bool = False
 
 
 class Detector:
@@ -115,6 +133,7 @@ class Detector:
         # Network-input memory reused from frame to frame, one set per thread that calls run_frames (the
         # watch pipeline and a server may call from several); see InputBuffers.
         self._inputs = threading.local()
+        self._split = _open_split(options)  # last: nothing after it can fail and leave its threads behind
 
     @classmethod
     def open(cls, bundle_path: str | os.PathLike[str], options: DetectorOptions | None = None, **kwargs) -> "Detector":
@@ -124,7 +143,8 @@ class Detector:
         """
         options = options or DetectorOptions(**kwargs)
         bundle = open_bundle(bundle_path, verify=options.verify_checksums, trust=options.trusted_key)
-        backend = open_backend(options.backend, bundle, threads=options.threads, precision=options.precision)
+        backend = open_backend(options.backend, bundle, threads=options.threads, precision=options.precision,
+                               spinning=options.ort_spinning)
         try:
             return cls(bundle, backend, options)
         except Exception:
@@ -170,7 +190,7 @@ class Detector:
         t1 = time.perf_counter()
         tensor, placements = self.input_buffers().prepare(frames, sources)
         t2 = time.perf_counter()
-        results = self.score_tensor(tensor, placements, sources)
+        results = self.score_tensor(tensor, placements, sources, split=True)
         for r in results:
             r.timings.decode_ms = decode_ms
             r.timings.preprocess_ms = (t2 - t1) * 1e3 / len(frames)
@@ -180,7 +200,7 @@ class Detector:
         """This thread's reused network-input buffers (created on its first call)."""
         buffers = getattr(self._inputs, "buffers", None)
         if buffers is None:
-            buffers = self._inputs.buffers = InputBuffers(self.geometry)
+            buffers = self._inputs.buffers = InputBuffers(self.geometry, self._split)
         return buffers
 
     def embed(self, tensor: np.ndarray) -> np.ndarray:
@@ -189,30 +209,35 @@ class Detector:
             raise RuntimeError("this detector was opened for scoring only (Detector.open_scoring): no backend")
         return self.backend(tensor)
 
-    def score_tensor(self, tensor: np.ndarray, placements: list[Placement], sources: list[str | None] | None = None) -> list[Result]:
-        """Network batch ``[B, 3, H, W]`` (already preprocessed) -> results in original-image coordinates."""
+    def score_tensor(self, tensor: np.ndarray, placements: list[Placement], sources: list[str | None] | None = None,
+                     *, split: bool = False) -> list[Result]:
+        """Network batch ``[B, 3, H, W]`` (already preprocessed) -> results in original-image coordinates.
+
+        ``split``: as :meth:`score_embeddings`."""
         t0 = time.perf_counter()
         embeddings = self.embed(tensor)
         t1 = time.perf_counter()
-        results = self.score_embeddings(embeddings, placements, sources)
+        results = self.score_embeddings(embeddings, placements, sources, split=split)
         backbone_ms = (t1 - t0) * 1e3 / len(results)
         for r in results:
             r.timings.backbone_ms = backbone_ms
         return results
 
     def score_embeddings(self, embeddings: np.ndarray, placements: list[Placement] | None,
-                         sources: list[str | None] | None = None) -> list[Result]:
+                         sources: list[str | None] | None = None, *, split: bool = False) -> list[Result]:
         """Embeddings ``[B, h*w, D]`` -> results (index, Eq. 7, anomaly maps).
 
         With ``placements`` None the maps stay at network resolution ``[H, W]`` (a server's scorer: the
-        client, which kept the placement, maps them back into its frame).
+        client, which kept the placement, maps them back into its frame). ``split`` spreads an exact
+        index's search over the detector's split threads (``DetectorOptions.split_threads``); only a
+        caller that owns the machine should ask (run_frames does; the watch pipeline does not).
         """
         B = embeddings.shape[0]
         sources = sources or [None] * B
         h, w = self.grid
         H, W = self.geometry.height, self.geometry.width
         t0 = time.perf_counter()
-        patches = self.scorer.patch_scores(embeddings)
+        patches = self.scorer.patch_scores(embeddings, self._split if split else None)
         t1 = time.perf_counter()
         index_ms = (t1 - t0) * 1e3 / B
         results = []
@@ -250,6 +275,9 @@ class Detector:
         if self._blas_limit is not None:
             self._blas_limit.restore_original_limits()
             self._blas_limit = None
+        if self._split is not None:
+            self._split.close()
+            self._split = None
 
     def __enter__(self) -> "Detector":
         return self

@@ -28,6 +28,7 @@ import hnswlib
 import numpy as np
 
 from .bundle import IndexSpec
+from .core_split import CoreSplit
 from .hnsw_format import HnswFormatError, validate_hnsw_file
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,39 @@ def _sort_rows(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.n
 # Exact search
 # --------------------------------------------------------------------------------------------------
 
+#: Fewest query rows per thread for which :func:`split_rows` splits an exact search. A whole image (784
+#: queries) splits; the re-scoring pass's calls (<= 64 queries, pruned) never reach it, and below ~128 rows
+#: per thread the hand-off to the helper (tens of microseconds, more when another process holds the other
+#: core) is most of what the half saves.
+SPLIT_MIN_ROWS_PER_THREAD = 128
+
+
+def split_rows(m: int, split: CoreSplit | None) -> list[tuple[int, int]]:
+    """Row ranges ``[(start, stop), ...]`` of ``m`` queries, one per thread of ``split``; a single range (no
+    split) without one or for few queries.
+
+    Each thread multiplies its rows by the whole bank with numpy's BLAS on one thread (the detector's
+    limit), so a row's product, and so its ranking, is computed the same way with or without the split.
+    Measured on this machine (benchmarks/bench_core_split.py, results/core_split.json: one image's 784 real
+    queries, 5 interleaved rounds, quiet, load average 1.4-1.5), median of rounds in ms, one call on 1 BLAS
+    thread | one call on 2 BLAS threads | this split:
+      1,176 rows (the default bundle) 2.12 | 1.51 | 1.62
+      2,352 rows 4.12 | 2.64 | 2.56
+      4,704 rows 8.59 | 5.36 | 4.98
+     11,760 rows 21.5 | 13.1 | 11.5
+    So two threads do not lose on big banks (no cap by bank size). BLAS's own pool is 0.1 ms faster at the
+    default bank when the machine is quiet, but its limit is process-wide (the watch pipeline needs one BLAS
+    thread) and its threads busy-wait: with another job on one core (an earlier run, load 2.3-2.6) it took
+    3.61 ms there against the split's 2.52, and 2.4x the CPU time per frame in the watch pipeline
+    (results/watch_threads.json). With the second core busy the split itself costs ~0.2 ms (the helper waits
+    for a time slice) until CoreSplit stands down.
+    """
+    if split is None or m < SPLIT_MIN_ROWS_PER_THREAD * 2:
+        return [(0, m)]
+    parts = min(split.threads, m // SPLIT_MIN_ROWS_PER_THREAD)
+    edges = [round(i * m / parts) for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
 
 class ExactIndex:
     """Exact k-NN by a blocked float32 matrix product (BLAS).
@@ -172,9 +206,21 @@ class ExactIndex:
         self._sq_norms = np.einsum("nd,nd->n", self.bank, self.bank)  # |x|^2, [N]
         self.note = f"exact index over {self.n} x {self.dim} bank (blocked matrix product)"
 
-    def query(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``q [M, D]`` float32 -> ``(distances [M, k] float32 ascending, ids [M, k] int64)``."""
+    def query(self, q: np.ndarray, k: int, split: CoreSplit | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``q [M, D]`` float32 -> ``(distances [M, k] float32 ascending, ids [M, k] int64)``.
+
+        ``split`` (optional): a whole image's queries are cut into one block of rows per thread, each
+        searched on its own thread with numpy's BLAS on one thread (see :func:`split_rows`).
+        """
         q = _check_query(q, k, self.n, self.dim)
+        parts = split_rows(q.shape[0], split)
+        if len(parts) > 1:
+            answers = split.map(lambda rows: self._query_rows(q[rows[0] : rows[1]], k), parts)
+            return (np.concatenate([a[0] for a in answers]), np.concatenate([a[1] for a in answers]))
+        return self._query_rows(q, k)
+
+    def _query_rows(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`query` on checked queries, on the calling thread."""
         ids = np.empty((q.shape[0], k), dtype=np.int64)
         for start in range(0, q.shape[0], self.query_block):
             stop = start + self.query_block
@@ -323,11 +369,14 @@ class PrunedExactIndex(ExactIndex):
         bound += self._bank_term
         return bound
 
-    def query(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``q [M, D]`` float32 -> ``(distances [M, k] float32 ascending, ids [M, k] int64)``, exact."""
+    def query(self, q: np.ndarray, k: int, split: CoreSplit | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``q [M, D]`` float32 -> ``(distances [M, k] float32 ascending, ids [M, k] int64)``, exact.
+
+        ``split`` only applies to the calls that use the blocked product (see :meth:`ExactIndex.query`).
+        """
         q = _check_query(q, k, self.n, self.dim)
         if q.shape[0] > self.max_pruned_queries or q.shape[0] * self.n > _PRUNE_MAX_BOUND_ENTRIES or k == self.n:
-            return super().query(q, k)
+            return super().query(q, k, split)
         m = q.shape[0]
         bound = self.lower_bounds_sq(q)  # [M, N]
         if k == 1:  # argmin is one pass; argpartition would allocate an int64 [M, N]

@@ -19,7 +19,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .area_bands import AreaBand, plan_area_bands
 from .bundle import Geometry
+from .core_split import CoreSplit
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
 
@@ -184,14 +186,44 @@ class Placement:
         return mask
 
 
-def _resize(image: np.ndarray, width: int, height: int, buffer: "_ResizeBuffer | None" = None) -> np.ndarray:
+def _resize(image: np.ndarray, width: int, height: int, buffer: "_ResizeBuffer | None" = None,
+            split: CoreSplit | None = None) -> np.ndarray:
     # INTER_AREA when shrinking (anti-aliased, like a camera's binning), bilinear when enlarging.
     shrinking = width < image.shape[1] or height < image.shape[0]
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    if buffer is None:
-        return cv2.resize(image, (width, height), interpolation=interpolation)
-    dst = buffer.get((height, width, *image.shape[2:]), image.dtype)
-    return cv2.resize(image, (width, height), dst=dst, interpolation=interpolation)
+    bands = ()
+    if split is not None and shrinking and image.shape[0] * image.shape[1] >= MIN_SPLIT_SOURCE_PIXELS:
+        plans = buffer or _ResizeBuffer()
+        bands = plans.bands(image.shape[0], image.shape[1], height, width, split.threads)
+    if not bands:
+        if buffer is None:
+            return cv2.resize(image, (width, height), interpolation=interpolation)
+        dst = buffer.get((height, width, *image.shape[2:]), image.dtype)
+        return cv2.resize(image, (width, height), dst=dst, interpolation=interpolation)
+    shape = (height, width, *image.shape[2:])
+    dst = buffer.get(shape, image.dtype) if buffer is not None else np.empty(shape, dtype=image.dtype)
+    split.map(lambda band: _resize_band(image, dst, band), bands)
+    return dst
+
+
+#: Frames smaller than this (source pixels) are resized in one call even when a split is offered: the
+#: hand-off to a helper thread would eat the saving. Measured (benchmarks/bench_core_split.py, results/
+#: core_split.json, shrink of a uint8 BGR frame to 224x224, median of 5 rounds, quiet machine): 1130x460
+#: 1.45 -> 0.80 ms, 565x230 0.57 -> 0.38, 336x252 (85k pixels) 0.36 -> 0.26: still a gain at 85k; in an
+#: earlier run with another job on the second core, never more than ~0.07 ms lost. Below 64k pixels the
+#: whole resize is ~0.2 ms.
+MIN_SPLIT_SOURCE_PIXELS = 64 * 1024
+
+
+def _resize_band(image: np.ndarray, dst: np.ndarray, band: AreaBand) -> None:
+    """INTER_AREA-resize one band of ``image`` into its rows (or columns) of ``dst`` (see runtime/area_bands.py)."""
+    if band.axis == 0:
+        source, target = image[band.src_start : band.src_stop], dst[band.dst_start : band.dst_stop]
+    else:
+        source, target = image[:, band.src_start : band.src_stop], dst[:, band.dst_start : band.dst_stop]
+    placed = cv2.resize(source, (target.shape[1], target.shape[0]), dst=target, interpolation=cv2.INTER_AREA)
+    if placed is not target:  # a column band's view is not contiguous: OpenCV allocated instead
+        target[...] = placed
 
 
 def crop_resize_size(width: int, height: int, resize: int) -> tuple[int, int]:
@@ -213,13 +245,14 @@ def fit_geometry(image: np.ndarray, geometry: Geometry, source: str = "<array>")
 
 
 def fit_geometry_into(image: np.ndarray, geometry: Geometry, out: np.ndarray, source: str = "<array>",
-                      resize_buffer: "_ResizeBuffer | None" = None) -> Placement:
+                      resize_buffer: "_ResizeBuffer | None" = None, split: CoreSplit | None = None) -> Placement:
     """Write one frame's network input into ``out`` ``[3, H, W]`` float32 (RGB, [0, 1]); return its placement.
 
     The frame is resized in its native dtype (uint8 stays uint8) and then converted once, channel by
     channel, straight into ``out``: the BGR -> RGB order, the gray -> RGB copy and the dtype's scale
     happen in that one pass, with no float copy of the frame in between. ``resize_buffer`` (optional)
-    reuses the resized frame's memory across calls.
+    reuses the resized frame's memory across calls; ``split`` (optional) resizes a large frame's
+    INTER_AREA shrink in bands on its threads, bit-identical to one call (runtime/area_bands.py).
     """
     check_frame(image, source)
     if image.ndim == 3 and image.shape[2] == 1:
@@ -231,7 +264,7 @@ def fit_geometry_into(image: np.ndarray, geometry: Geometry, out: np.ndarray, so
     if out.shape != (3, H, W) or out.dtype != np.float32:
         raise ValueError(f"network input buffer is {list(out.shape)} {out.dtype}, expected [3, {H}, {W}] float32")
     if geometry.mode == "stretch":
-        _to_rgb_planes(_resize(image, W, H, resize_buffer), out, source)
+        _to_rgb_planes(_resize(image, W, H, resize_buffer, split), out, source)
         return Placement(h, w, H, W, 0.0, 0.0, float(w), float(h), 0, 0, H, W)
     if geometry.mode == "letterbox":
         scale = min(W / w, H / h)
@@ -240,7 +273,7 @@ def fit_geometry_into(image: np.ndarray, geometry: Geometry, out: np.ndarray, so
         top, left = (H - inner_h) // 2, (W - inner_w) // 2
         out[...] = np.float32(geometry.pad_value)
         inner = out[:, top : top + inner_h, left : left + inner_w]
-        _to_rgb_planes(_resize(image, inner_w, inner_h, resize_buffer), inner, source)
+        _to_rgb_planes(_resize(image, inner_w, inner_h, resize_buffer, split), inner, source)
         return Placement(h, w, H, W, 0.0, 0.0, float(w), float(h), top, left, inner_h, inner_w)
     if geometry.mode == "crop":
         # torchvision's Resize(int) + CenterCrop, to the pixel: the shorter side becomes `resize` and the
@@ -248,7 +281,7 @@ def fit_geometry_into(image: np.ndarray, geometry: Geometry, out: np.ndarray, so
         # (Python's round, half to even, as CenterCrop computes it).
         rw, rh = crop_resize_size(w, h, geometry.resize)
         rw, rh = max(W, rw), max(H, rh)
-        resized = _resize(image, rw, rh, resize_buffer)
+        resized = _resize(image, rw, rh, resize_buffer, split)
         top, left = int(round((rh - H) / 2.0)), int(round((rw - W) / 2.0))
         _to_rgb_planes(resized[top : top + H, left : left + W], out, source)
         sx, sy = w / rw, h / rh
@@ -286,10 +319,19 @@ _PIXEL_SCALE = {np.dtype(np.uint8): np.float32(1.0 / 255.0), np.dtype(np.uint16)
 
 
 class _ResizeBuffer:
-    """The last resized frame's memory, reused while the shape and dtype stay the same (a camera's frames)."""
+    """The last resized frame's memory, reused while the shape and dtype stay the same (a camera's frames),
+    and the band plan for the last frame size (planning checks OpenCV's tables: ~1 ms, once per size)."""
 
     def __init__(self) -> None:
         self.array: np.ndarray | None = None
+        self._plan_key: tuple[int, ...] | None = None
+        self._plan: tuple[AreaBand, ...] = ()
+
+    def bands(self, src_h: int, src_w: int, dst_h: int, dst_w: int, bands: int) -> tuple[AreaBand, ...]:
+        key = (src_h, src_w, dst_h, dst_w, bands)
+        if key != self._plan_key:
+            self._plan, self._plan_key = plan_area_bands(src_h, src_w, dst_h, dst_w, bands), key
+        return self._plan
 
     def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         if self.array is None or self.array.shape != shape or self.array.dtype != dtype:
@@ -301,11 +343,14 @@ class InputBuffers:
     """Frames -> network input ``[B, 3, H, W]`` float32, written into memory reused from call to call.
 
     One instance per thread that prepares inputs (the returned tensor is overwritten by the next call).
-    The pixels are :func:`fit_geometry`'s exactly, which is what the exporter saw.
+    The pixels are :func:`fit_geometry`'s exactly, which is what the exporter saw. ``split`` (optional, not
+    owned: its creator closes it) shrinks large frames in bands on its threads -- for a caller that owns
+    the machine (the single-stream detector); the watch pipeline's backbone thread passes none.
     """
 
-    def __init__(self, geometry: Geometry):
+    def __init__(self, geometry: Geometry, split: CoreSplit | None = None):
         self.geometry = geometry
+        self.split = split
         self._tensor: np.ndarray | None = None  # [B, 3, H, W] float32
         self._resized = _ResizeBuffer()
 
@@ -317,7 +362,8 @@ class InputBuffers:
         if self._tensor is None or self._tensor.shape != shape:
             self._tensor = np.empty(shape, dtype=np.float32)
         sources = sources or [None] * len(frames)
-        placements = [fit_geometry_into(frame, g, self._tensor[b], source or "<array>", self._resized)
+        placements = [fit_geometry_into(frame, g, self._tensor[b], source or "<array>", self._resized,
+                                        self.split)
                       for b, (frame, source) in enumerate(zip(frames, sources))]
         return self._tensor, placements
 

@@ -24,6 +24,8 @@ import cv2
 import numpy as np
 
 from .bundle import ScoringSpec
+from .core_split import CoreSplit
+from .index import ExactIndex
 
 #: Patches re-scored by the exact pass's first step; each further step takes twice as many (4, 8, 16, ...),
 #: so a pass needs O(log P) exact-index calls at most. Measured on BSData's 10 % bank with HNSW at ef 8
@@ -83,11 +85,18 @@ class Scorer:
         self.rescore = rescore and index is not exact and getattr(index, "kind", "") != "exact"
 
     # ---------------------------------------------------------------- patch scores
-    def patch_scores(self, embeddings: np.ndarray) -> list[PatchScores]:
-        """``[B, P, D]`` embeddings -> one :class:`PatchScores` per image (one batched index query)."""
+    def patch_scores(self, embeddings: np.ndarray, split: CoreSplit | None = None) -> list[PatchScores]:
+        """``[B, P, D]`` embeddings -> one :class:`PatchScores` per image (one batched index query).
+
+        ``split`` (optional) spreads an exact index's search over its threads (``ExactIndex.query``);
+        HNSW already splits its query rows over hnswlib's own threads.
+        """
         B, P, D = embeddings.shape
         flat = np.ascontiguousarray(embeddings.reshape(B * P, D), dtype=np.float32)
-        dist, ids = self.index.query(flat, 1)
+        if split is not None and isinstance(self.index, ExactIndex):
+            dist, ids = self.index.query(flat, 1, split)
+        else:
+            dist, ids = self.index.query(flat, 1)
         dist = dist[:, 0].reshape(B, P).astype(np.float32, copy=True)
         ids = ids[:, 0].reshape(B, P).astype(np.int64, copy=True)
         out = []
