@@ -19,7 +19,7 @@ from pcedge.cli import main
 from pcedge.export.int8_gate import cosines
 from pcedge.export.int8_graph import count_quantised
 from pcedge.runtime.backends import open_backend
-from pcedge.runtime.bundle import MANIFEST, MODEL_INT8_FILE, BundleError, EngineSpec, open_bundle
+from pcedge.runtime.bundle import MANIFEST, MODEL_INT8_CPU_FILE, MODEL_INT8_FILE, BundleError, EngineSpec, open_bundle
 from pcedge.runtime.detector import Detector, DetectorOptions
 from pcedge.runtime.errors import BackendUnavailable
 from pcedge.runtime.tensorrt import build, device, engines
@@ -190,13 +190,14 @@ def test_bundles_written_before_int8_still_open(fixture_bundle, tmp_path, capsys
     assert "int8 graph  none (exported before INT8 graphs" in capsys.readouterr().out
 
 
-def test_an_int8_file_that_is_not_listed_is_refused(int8_bundle, tmp_path):
+@pytest.mark.parametrize("graph, field", [(MODEL_INT8_FILE, "int8_file"), (MODEL_INT8_CPU_FILE, "int8_cpu_file")])
+def test_an_int8_file_that_is_not_listed_is_refused(int8_bundle, tmp_path, graph, field):
     copy = tmp_path / "unlisted.pcedge"
     shutil.copytree(int8_bundle, copy)
     data = json.loads((copy / MANIFEST).read_text())
-    del data["files"][MODEL_INT8_FILE]
+    del data["files"][graph]
     (copy / MANIFEST).write_text(json.dumps(data))
-    with pytest.raises(BundleError, match="model.int8_file: model_int8.onnx is not listed"):
+    with pytest.raises(BundleError, match=f"model.{field}: {graph} is not listed"):
         open_bundle(copy)
 
 
