@@ -52,7 +52,7 @@ from .coreset import coverage_radius, greedy_coreset, resolve_count
 from .detectability import DEFAULT_SIZES, measure_detectability
 from .embedder import DEFAULT_BORDER, PatchEmbedder
 from .fp16_graph import fp16_parity, write_fp16_graph
-from .int8_gate import DEFAULT_TOLERANCE, GraphPair, ScoredImages, int8_report
+from .int8_gate import DEFAULT_TOLERANCE, Float32Reference, ScoredImages, TestSplit, float32_reference, int8_report
 from .int8_graph import CALIBRATIONS, DEFAULT_CALIBRATION, DEFAULT_CALIBRATION_IMAGES, Int8Settings, write_int8_graph
 from .limits import MAX_TARGET_FPR, MIN_HNSW_M, MIN_REWEIGHT_B, MIN_TARGET_FPR, coreset_count_problem
 from .memory import describe_refusal, estimate_export_memory
@@ -238,18 +238,14 @@ def int8_calibration_images(config: ExportConfig, train_kept: list[Path]) -> np.
 
 
 def write_and_gate_int8(config: ExportConfig, target: str, int8_path: Path, model_path: Path, calibration: np.ndarray,
-                        good: list[ScoredImages], description: str, test_scorer: Scorer) -> Int8Report:
-    """Write ``target``'s QDQ graph at ``int8_path`` (calibrated on ``calibration`` ``[n, 3, H, W]``) and
-    measure it against ``model_path`` on ``good``; with a test split in ``config.data``, the image AUROC of
-    both graphs too (scored by ``test_scorer``)."""
+                        good: list[ScoredImages], test: TestSplit | None, reference: Float32Reference,
+                        description: str) -> Int8Report:
+    """Write ``target``'s QDQ graph at ``int8_path`` (calibrated on ``calibration`` ``[n, 3, H, W]``) and gate it
+    against the float32 graph's ``reference`` on ``good`` (and ``test``, for the image AUROC change)."""
     settings = Int8Settings(calibration=config.int8_calibration, n_images=calibration.shape[0], target=target)
     float_convs = write_int8_graph(model_path, int8_path, calibration, settings)
-    pair = GraphPair(model_path, int8_path, threads=config.threads, batch=config.batch_size)
-    try:
-        report = int8_report(pair, good, description, config.int8_tolerance,
-                             test=_test_split(config, test_scorer))
-    finally:
-        pair.close()
+    report = int8_report(int8_path, reference, good, test, description, config.int8_tolerance,
+                         threads=config.threads, batch=config.batch_size)
     report.target = target
     report.calibration, report.n_calibration_images = settings.calibration, settings.n_images
     report.quantised_ops, report.float_convs = list(settings.recipe.ops), float_convs
@@ -262,8 +258,8 @@ def _shipped(reports: dict[str, Int8Report], target: str) -> str | None:
     return INT8_FILES[target] if report is not None and report.shipped else None
 
 
-def _test_split(config: ExportConfig, scorer: Scorer):
-    """``(image batches [b, 3, H, W], labels [n] bool, scorer)`` of ``config.data``'s test split, or None."""
+def _test_split(config: ExportConfig, scorer: Scorer) -> TestSplit | None:
+    """``config.data``'s labelled test split as network-input batches, scored by ``scorer``; None without one."""
     from pcedge.runtime.evaluation.dataset import DatasetError, load_category
 
     if not (Path(config.data) / "test").is_dir():
@@ -280,7 +276,7 @@ def _test_split(config: ExportConfig, scorer: Scorer):
             batches.append(to_tensor(images))
             by_path = {i.path: i.is_anomalous for i in items}
             labels.extend(by_path[p] for p in kept)
-    return (batches, np.array(labels, dtype=bool), scorer) if labels else None
+    return TestSplit(batches, np.array(labels, dtype=bool), scorer) if labels else None
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -503,14 +499,17 @@ def export_bundle(config: ExportConfig) -> ExportReport:
                 held_source = f"{held.images.shape[0]} held-out images ({val_source})"
             good = [held, ScoredImages(check_tensor, scorer)]
             calibration = int8_calibration_images(config, train_kept)
+            # The test split is loaded, and the float32 graph run over the gate's images, once for both targets.
+            test = _test_split(config, scorer)
+            reference = float32_reference(model_path, good, test, threads=config.threads, batch=config.batch_size)
             for target, file in INT8_FILES.items():
-                report = write_and_gate_int8(config, target, writer.path(file), model_path, calibration, good,
-                                             f"{held_source} and {check_tensor.shape[0]} check images", scorer)
+                report = write_and_gate_int8(config, target, writer.path(file), model_path, calibration, good, test,
+                                             reference, f"{held_source} and {check_tensor.shape[0]} check images")
                 if not report.shipped:
                     writer.path(file).unlink()  # refused: the bundle holds no such graph
                     log.warning("INT8 graph %s not shipped: %s", file, report.reason)
                 int8[target] = report
-            del calibration
+            del calibration, test, reference
             seconds["int8"] = time.perf_counter() - t
 
         manifest = Manifest(

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from pcedge.runtime.backends import OrtBackend
 from pcedge.runtime.bundle import Int8Report
 from pcedge.runtime.scoring import Scorer
@@ -33,12 +32,24 @@ class ScoredImages:
 
 
 @dataclass
-class GraphScores:
-    """Image scores ``[n]`` of both graphs, and the per-patch cosines ``[n * h*w]`` between their embeddings."""
+class TestSplit:
+    """A labelled test split for the AUROC change: network-input batches ``[b, 3, H, W]``, labels ``[n]``
+    (True: anomalous) and the scorer (the final bank)."""
 
-    fp32: np.ndarray
-    int8: np.ndarray
-    cosines: np.ndarray
+    batches: list[np.ndarray]
+    labels: np.ndarray
+    scorer: Scorer
+
+
+@dataclass
+class Float32Reference:
+    """The float32 graph's side of the gate, computed once and shared by every INT8 graph gated against it:
+    the good sets' embeddings (``[n, h*w, D]`` each, for the cosines) and image scores ``[n_good]``, and the
+    test split's image scores ``[n_test]`` (None without a test split)."""
+
+    good_embeddings: list[np.ndarray]
+    good_scores: np.ndarray
+    test_scores: np.ndarray | None
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -53,56 +64,59 @@ def relative_errors(int8: np.ndarray, fp32: np.ndarray) -> np.ndarray:
     return np.abs(int8 - fp32) / np.maximum(np.abs(fp32), 1e-30)
 
 
-class GraphPair:
-    """The float32 and INT8 graphs as two ONNX Runtime CPU sessions, scoring the same images."""
-
-    def __init__(self, fp32_path: str | os.PathLike[str], int8_path: str | os.PathLike[str],
-                 threads: int | None = None, batch: int = 8):
-        self.fp32 = OrtBackend(Path(fp32_path), "ort-cpu", threads)
-        self.int8 = OrtBackend(Path(int8_path), "ort-cpu", threads, precision="int8")
-        self.batch = batch
-
-    def score(self, images: np.ndarray, scorer: Scorer) -> GraphScores:
-        """Both graphs' image scores of ``images [n, 3, H, W]`` against ``scorer``'s bank."""
-        fp32, int8, cos = [], [], []
-        for start in range(0, images.shape[0], self.batch):
-            chunk = images[start : start + self.batch]
-            e32, e8 = self.fp32(chunk), self.int8(chunk)  # [b, h*w, D] each
-            fp32.extend(_image_scores(scorer, e32))
-            int8.extend(_image_scores(scorer, e8))
-            cos.append(cosines(e32, e8))
-        return GraphScores(np.array(fp32), np.array(int8), np.concatenate(cos) if cos else np.zeros(0))
-
-    def close(self) -> None:
-        self.fp32.close()
-        self.int8.close()
+def _embed(backend: OrtBackend, images: np.ndarray, batch: int) -> np.ndarray:
+    """``images [n, 3, H, W]`` -> embeddings ``[n, h*w, D]``, ``batch`` images per run."""
+    return np.concatenate([backend(images[start : start + batch]) for start in range(0, images.shape[0], batch)])
 
 
 def _image_scores(scorer: Scorer, embeddings: np.ndarray) -> list[float]:
     return [scorer.image_score(embeddings[b], p).score for b, p in enumerate(scorer.patch_scores(embeddings))]
 
 
-def int8_report(pair: GraphPair, good: list[ScoredImages], description: str, tolerance: float,
-                test: tuple[list[np.ndarray], np.ndarray, Scorer] | None = None) -> Int8Report:
-    """Score ``good`` image sets with both graphs and apply the gate. ``test``: ``(image batches
-    [b, 3, H, W] each, labels [n] bool, scorer)`` of a labelled test split, for the AUROC change."""
+def _test_scores(backend: OrtBackend, test: TestSplit) -> np.ndarray:
+    """Image scores ``[n_test]`` of the test split (its embeddings are not kept: a large split's would not fit)."""
+    return np.array([s for batch in test.batches for s in _image_scores(test.scorer, backend(batch))])
+
+
+def float32_reference(fp32_path: str | os.PathLike[str], good: list[ScoredImages], test: TestSplit | None,
+                      threads: int | None = None, batch: int = 8) -> Float32Reference:
+    """Run the float32 graph once over the gate's images (``good`` sets, and ``test`` when given)."""
+    good = [s for s in good if s.images.shape[0]]  # int8_report skips the same empty sets
+    backend = OrtBackend(Path(fp32_path), "ort-cpu", threads)
+    try:
+        embeddings = [_embed(backend, s.images, batch) for s in good]
+        scores = [np.array(_image_scores(s.scorer, e)) for s, e in zip(good, embeddings)]
+        return Float32Reference(embeddings, np.concatenate(scores) if scores else np.zeros(0),
+                                _test_scores(backend, test) if test is not None else None)
+    finally:
+        backend.close()
+
+
+def int8_report(int8_path: str | os.PathLike[str], reference: Float32Reference, good: list[ScoredImages],
+                test: TestSplit | None, description: str, tolerance: float, threads: int | None = None,
+                batch: int = 8) -> Int8Report:
+    """Score ``good`` (and ``test``, for the AUROC change) with the INT8 graph at ``int8_path``, compare with
+    the float32 ``reference`` computed on the same images, and apply the gate."""
     from pcedge.runtime.evaluation.metrics import auroc
 
-    scored = [pair.score(s.images, s.scorer) for s in good if s.images.shape[0]]
-    if not scored:
+    good = [s for s in good if s.images.shape[0]]  # as float32_reference did
+    if not good:
         raise ValueError("the INT8 parity gate needs at least one good image")
-    fp32 = np.concatenate([s.fp32 for s in scored])
-    int8 = np.concatenate([s.int8 for s in scored])
-    cos = np.concatenate([s.cosines for s in scored])
+    backend = OrtBackend(Path(int8_path), "ort-cpu", threads, precision="int8")
+    try:
+        embeddings = [_embed(backend, s.images, batch) for s in good]
+        int8 = np.concatenate([np.array(_image_scores(s.scorer, e)) for s, e in zip(good, embeddings)])
+        cos = np.concatenate([cosines(e32, e8) for e32, e8 in zip(reference.good_embeddings, embeddings)])
+        test_int8 = _test_scores(backend, test) if test is not None else None
+    finally:
+        backend.close()
+    fp32 = reference.good_scores
     rel = relative_errors(int8, fp32)
     report = Int8Report(n_images=int(fp32.size), images=description, min_cosine=float(cos.min()),
                         mean_cosine=float(cos.mean()), score_rel_error_max=float(rel.max()),
                         score_rel_error_median=float(np.median(rel)), tolerance=float(tolerance))
-    if test is not None:
-        batches, labels, scorer = test
-        results = [pair.score(batch, scorer) for batch in batches]
-        s32 = np.concatenate([r.fp32 for r in results])
-        s8 = np.concatenate([r.int8 for r in results])
+    if test is not None and reference.test_scores is not None:
+        s32, s8, labels = reference.test_scores, test_int8, test.labels
         report.n_test_images = int(s32.size)
         if labels.any() and (~labels).any():  # AUROC needs both classes
             report.auroc_fp32, report.auroc_int8 = float(auroc(labels, s32)), float(auroc(labels, s8))
