@@ -222,14 +222,22 @@ def int8_graph(bundle: Bundle, kind: str) -> tuple[Path | None, Int8Report | Non
     return bundle.int8_model_path, bundle.manifest.model.int8
 
 
-def int8_graph_problem(bundle: Bundle) -> str | None:
-    """Why ``bundle`` has no INT8 graph to run (one sentence naming the bundle), or None when it has one."""
-    report = bundle.manifest.model.int8
-    path = bundle.int8_model_path
-    if path is not None and path.is_file():
+def int8_graph_problem(bundle: Bundle, kind: str | None = None) -> str | None:
+    """Why backend ``kind`` has no INT8 graph to run in ``bundle`` (one sentence naming the bundle), or None.
+
+    ``ort-cpu`` runs either graph (:func:`int8_graph`); every other backend needs the symmetric
+    ``model_int8.onnx``. ``kind`` None or ``auto`` (some backend will be chosen): a problem only when the
+    bundle has neither graph, so a bundle whose gate refused only one of them is not turned away.
+    """
+    m = bundle.manifest.model
+    graphs = [(bundle.int8_model_path, m.int8)]
+    if kind in (None, "auto", "ort-cpu"):
+        graphs.append((bundle.int8_cpu_model_path, m.int8_cpu))
+    if any(path is not None and path.is_file() for path, _ in graphs):
         return None
-    if report is not None and not report.shipped:
-        return (f"{bundle.root} has no INT8 graph: the export's parity gate refused it ({report.reason}); "
+    refused = [report.reason for _, report in graphs if report is not None and not report.shipped]
+    if refused:
+        return (f"{bundle.root} has no INT8 graph: the export's parity gate refused it ({'; '.join(refused)}); "
                 "use --precision fp32 or fp16")
     return (f"{bundle.root} has no INT8 graph (exported before pcedge wrote one, or with --no-int8): "
             "re-export it with this pcedge, or use --precision fp32 or fp16")
@@ -246,10 +254,10 @@ def _open_one(kind: str, bundle: Bundle, threads: int | None, precision: str | N
                                      "QDQ graph (pcedge build-engine --precision int8) and use --backend tensorrt, "
                                      "or run the graph on ort-cuda / ort-cpu")
         graph, _ = int8_graph(bundle, kind)
-        problem = None if graph is not None and graph.is_file() else int8_graph_problem(bundle)
+        problem = None if graph is not None and graph.is_file() else int8_graph_problem(bundle, kind)
         if problem is not None:
             raise BackendUnavailable(f"{kind}: int8 requested, but {problem}")
-        return OrtBackend(graph, kind, threads, precision="int8")
+        return OrtBackend(graph, kind, threads, precision="int8", spinning=spinning)
     if kind == "ort-trt":
         from .tensorrt.ort_provider import ort_trt_cache_dir, ort_trt_provider_options
 

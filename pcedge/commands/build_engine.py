@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         # Files in the bundle are checksummed; a cache rewritten by every build would break that.
         print(f"pcedge build-engine: {args.timing_cache}: keep the timing cache outside the bundle", file=sys.stderr)
         return 2
-    if args.precision == "int8" and (problem := int8_graph_problem(bundle)) is not None:
+    if args.precision == "int8" and (problem := int8_graph_problem(bundle, "tensorrt")) is not None:
         print(f"pcedge build-engine: --precision int8: {problem}", file=sys.stderr)
         return 2
     try:

@@ -10,14 +10,14 @@ from pathlib import Path
 from pcedge.commands.common import EF, add_detector_arguments, print_skipped, q
 from pcedge.runtime.verification import run_checks
 
-def int8_problem(bundle: str) -> str | None:
-    """Why ``--precision int8`` cannot run on ``bundle`` (no INT8 graph, or the export's gate refused it);
-    None when it can, or when the bundle does not open (the checksum check then reports that)."""
+def int8_problem(bundle: str, backend: str) -> str | None:
+    """Why ``--precision int8`` cannot run on ``bundle`` with ``backend`` (no INT8 graph it runs, or the export's
+    gate refused it); None when it can, or when the bundle does not open (the checksum check then reports that)."""
     from pcedge.runtime.backends import int8_graph_problem
     from pcedge.runtime.bundle import BundleError, open_bundle
 
     try:
-        return int8_graph_problem(open_bundle(Path(bundle), verify=False))
+        return int8_graph_problem(open_bundle(Path(bundle), verify=False), backend)
     except BundleError:
         return None
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.precision == "int8" and (problem := int8_problem(args.bundle)) is not None:
+    if args.precision == "int8" and (problem := int8_problem(args.bundle, args.backend)) is not None:
         print(f"pcedge verify: --precision int8: {problem}", file=sys.stderr)
         return 2
     checks, description = run_checks(args.bundle, args.backend, args.threads, args.precision, args.ef, args.trust,
