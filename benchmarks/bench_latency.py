@@ -78,6 +78,7 @@ class Variant:
     description: str
     split_threads: str = "default"  # "default" (DetectorOptions' own) or N (DetectorOptions.split_threads)
     ort_spinning_stop: bool = False  # with ort_spinning: ONNX Runtime's session.force_spinning_stop as well
+    spin: str | None = None  # "off" / "on" / "auto": DetectorOptions.ort_spinning (None: the runtime's default)
 
 
 VARIANTS = {
@@ -93,6 +94,12 @@ VARIANTS = {
     "ort-spinning-stop": Variant("ort-spinning-stop", True, "default",
                                  "ONNX Runtime's intra-op threads spin during a run and stop when it returns "
                                  "(session.force_spinning_stop)", ort_spinning_stop=True),
+    # DetectorOptions.ort_spinning, as the runtime offers it (benchmarks/bench_spinning.py runs all three for
+    # FP32 and INT8, quiet and contended).
+    "spin-off": Variant("spin-off", None, "default", "DetectorOptions.ort_spinning = False", spin="off"),
+    "spin-on": Variant("spin-on", None, "default", "DetectorOptions.ort_spinning = True", spin="on"),
+    "spin-auto": Variant("spin-auto", None, "default", "DetectorOptions.ort_spinning = 'auto' (the default)",
+                         spin="auto"),
 }
 
 
@@ -201,6 +208,8 @@ def run_worker(row: Row, tree: Path, bundle: Path, args: argparse.Namespace, bas
         command += ["--ort-spinning-stop"]
     if variant.split_threads != "default":
         command += ["--split-threads", variant.split_threads]
+    if variant.spin is not None:
+        command += ["--spin", variant.spin]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-8:])

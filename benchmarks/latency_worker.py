@@ -91,6 +91,10 @@ def open_detector(args: argparse.Namespace, bundle: Path):
         options.blas_threads = None if args.blas_threads == "none" else int(args.blas_threads)
     if args.split_threads is not None:
         options.split_threads = args.split_threads
+    if args.spin is not None:
+        options.ort_spinning = {"off": False, "on": True, "auto": "auto"}[args.spin]
+    elif args.ort_spinning is not None:
+        options.ort_spinning = False  # one session, re-created below with the variant's settings
     try:
         detector = Detector.open(bundle, options)
     except (BundleError, BackendUnavailable, ValueError) as exc:
@@ -114,6 +118,19 @@ def _respin(detector, bundle: Path, spinning: bool, stop_after_run: bool = False
     model = backend.session._model_path  # the graph the backend chose (FP32 or INT8)
     backend.session = ort.InferenceSession(model, sess_options=options, providers=backend.session.get_providers())
     backend.description += f" [allow_spinning={int(spinning)}{', force_spinning_stop' if stop_after_run else ''}]"
+
+
+def spin_record(backend) -> dict:
+    """How the backbone ran: runs per ONNX Runtime session and the spin governor's counters (empty for code
+    or backends without them)."""
+    record = {}
+    runs = getattr(backend, "runs", None)
+    if runs is not None:
+        record["runs"] = {"plain": runs.plain, "spinning": runs.spinning}
+    governor = getattr(backend, "governor", None)
+    if governor is not None:
+        record["governor"] = {**vars(governor.stats), "state": governor.state}
+    return record
 
 
 def usable_bundle(args: argparse.Namespace) -> tuple[Path, str]:
@@ -153,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ort-spinning", type=lambda s: s == "1", default=None, help="0/1: re-create the session so")
     parser.add_argument("--ort-spinning-stop", action="store_true", help="with --ort-spinning 1: force_spinning_stop")
     parser.add_argument("--split-threads", type=int, default=None, help="DetectorOptions.split_threads")
+    parser.add_argument("--spin", choices=("off", "on", "auto"), default=None,
+                        help="DetectorOptions.ort_spinning False / True / 'auto' (default: the runtime's)")
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--out", type=Path, required=True)
@@ -188,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             status="ran", description=detector.description, index_kind=getattr(detector.index, "kind", "?"),
             bank=list(detector.bank.shape), frames=len(frames), frame_shapes=sorted({str(f.shape) for f in frames}),
             per_image_ms=percentiles(calls), stages_ms={name: percentiles(v) for name, v in stages.items()},
-            loadavg_after=list(os.getloadavg()),
+            loadavg_after=list(os.getloadavg()), spin=spin_record(detector.backend),
         )
     args.out.write_text(json.dumps(record, indent=1))
     return 0

@@ -9,14 +9,16 @@ one that can really run here and says which and why; an explicitly requested bac
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
 from .bundle import Bundle, Int8Report
 from .errors import BackendUnavailable
+from .spin_governor import SpinGovernor, SpinPolicy, check_spinning_mode
 
 BACKENDS = ("auto", "tensorrt", "ort-trt", "ort-cuda", "ort-cpu")
 #: What the network computes in: float32 (model.onnx), float16 (TensorRT FP16, model_fp16.onnx on ORT CUDA)
@@ -67,15 +69,29 @@ class OrtBackend:
     ``max_batch`` (when given) splits larger batches into chunks, for the TensorRT EP's fixed profile.
     ``precision`` says what the graph computes in ("fp16" for the bundle's float16 graph or the TensorRT
     EP's FP16 mode, "int8" for its QDQ graph), for the acceptance checks' tolerances.
+
+    Two ways to run: :meth:`__call__` never spins (the watch pipeline, servers, verification: their stages
+    overlap with the backbone, which must leave the cores alone); :meth:`run_exclusive` is for a caller
+    that owns the machine (the single-stream ``Detector.run_frames``) and follows ``spinning``: False runs
+    the same session, True a second session over the same graph whose intra-op threads spin during each
+    run, "auto" one or the other as a :class:`~pcedge.runtime.spin_governor.SpinGovernor` decides from the
+    runs' times. The two sessions differ only in that setting (same graph, options and thread count), so
+    their outputs are bit-identical (tested). With one intra-op thread there is nothing to spin: no second
+    session.
     """
 
     def __init__(self, model_path: Path, kind: str = "ort-cpu", threads: int | None = None,
                  provider_options: dict | None = None, *, max_batch: int | None = None, precision: str = "fp32",
-                 spinning: bool = False):
+                 spinning: bool | str = False, spin_policy: SpinPolicy | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         ort = import_onnxruntime()
+        spinning = check_spinning_mode(spinning)
         self.session = None
+        self.spinning_session = None
         self.max_batch = max_batch
         self.precision = precision
+        self.runs = RunCounts()
+        self._clock = clock
         provider = _ORT_PROVIDER[kind]
         if provider not in ort.get_available_providers():
             hint = "install onnxruntime-gpu: pip install 'pcedge[gpu]' (see README, GPU)" if kind != "ort-cpu" else ""
@@ -83,63 +99,103 @@ class OrtBackend:
                 f"{kind}: this onnxruntime build has no {provider} "
                 f"(available: {', '.join(ort.get_available_providers())}); {hint}".rstrip("; ")
             )
-        options = ort.SessionOptions()
-        # All graph optimisations (constant folding, Conv+Activation fusion, layout): the graph is fixed.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One graph, executed op by op: parallelism comes from inside each op (intra-op threads).
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = threads or default_threads()
-        options.inter_op_num_threads = 1
-        # Shapes are static except the batch: memory-pattern planning reuses buffers between calls.
-        options.enable_mem_pattern = True
-        # No busy-waiting after a run: the intra-op threads would otherwise spin for a while on the cores
-        # that preprocessing, the index and the scorer need next. Measured on BSData, 2 cores, batch 1
-        # (benchmarks/bench_latency.py): 26.4 -> 13.6 ms median end to end.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        if spinning:
-            # Opt-in for a session that owns the machine (DetectorOptions.ort_spinning): the intra-op threads
-            # busy-wait between the ops of a run and stop as soon as it returns, so the stages after it get
-            # the cores. Measured (bench_latency.py --variants ort-spinning-stop, results/latency.md): quiet
-            # machine 6.93 -> 6.15 ms end to end (backbone 3.45 -> 2.74); in an earlier run with another
-            # process on one of the 2 cores 9.9 -> 16.4 ms (the spinning thread fights it for the core),
-            # hence not the default.
-            options.add_session_config_entry("session.force_spinning_stop", "1")
-        # Quiet: warnings about unused initialisers etc. are not the user's concern.
-        options.log_severity_level = 3
+        self.threads = threads or default_threads()
         providers: list = [(provider, provider_options or {})]
         if provider != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")  # for the odd op a GPU provider does not take
-        try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise BackendUnavailable(f"{kind}: onnxruntime could not load {model_path}: {exc}") from exc
+        self.session = self._open_session(ort, model_path, kind, providers, spin=False)
         used = self.session.get_providers()
         if used[0] != provider:
             # onnxruntime-gpu registers CUDA even without a GPU and then quietly runs on the CPU.
             self.close()
             raise BackendUnavailable(f"{kind}: {provider} did not initialise (no usable GPU?); session used {used}")
+        if spinning is not False and self.threads > 1:
+            self.spinning_session = self._open_session(ort, model_path, kind, providers, spin=True)
+        self.governor = (SpinGovernor(spin_policy) if spinning == "auto" and self.spinning_session is not None
+                         else None)
+        self.spinning = spinning if self.spinning_session is not None else False
         self.name = kind
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
-        self.threads = options.intra_op_num_threads
         graph = "" if precision == "fp32" else f", {precision}"
-        self.spinning = spinning
-        spin = ", spinning during runs" if spinning else ""
+        spin = {True: ", spinning during runs", "auto": ", spinning during runs while no other process holds a core",
+                False: ""}[self.spinning]
         self.description = f"{kind} (onnxruntime {ort.__version__}, {provider}{graph}, {self.threads} threads{spin})"
 
+    def _open_session(self, ort, model_path: Path, kind: str, providers: list, spin: bool):
+        options = ort.SessionOptions()
+        # All graph optimisations (constant folding, Conv+Activation fusion, layout): the graph is fixed.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One graph, executed op by op: parallelism comes from inside each op (intra-op threads).
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        # Shapes are static except the batch: memory-pattern planning reuses buffers between calls.
+        options.enable_mem_pattern = True
+        # The plain session never busy-waits: its threads would otherwise spin for a while after a run on
+        # the cores that preprocessing, the index and the scorer need next. Measured on BSData, 2 cores,
+        # batch 1 (benchmarks/bench_latency.py): 26.4 -> 13.6 ms median end to end.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        if spin:
+            # The spinning session (run_exclusive, for a caller that owns the machine): the intra-op threads
+            # busy-wait between the ops of a run and stop as soon as it returns, so the stages after it get
+            # the cores. Measured (results/latency_spinning.md, benchmarks/bench_spinning.py): quiet, FP32
+            # backbone 3.4 -> 2.7 ms, INT8 2.5 -> 1.9; with another process on one of the 2 cores a third
+            # of the runs take 3-5x longer, hence the governor ("auto", runtime/spin_governor.py).
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        # Quiet: warnings about unused initialisers etc. are not the user's concern.
+        options.log_severity_level = 3
+        try:
+            return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BackendUnavailable(f"{kind}: onnxruntime could not load {model_path}: {exc}") from exc
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """``[B, 3, H, W]`` float32 -> ``[B, h*w, D]`` float32; batches above ``max_batch`` are split."""
-        if self.session is None:
+        """``[B, 3, H, W]`` float32 -> ``[B, h*w, D]`` float32 on the session that never spins; batches
+        above ``max_batch`` are split."""
+        self.runs.plain += 1
+        return self._run(self.session, images)
+
+    def run_exclusive(self, images: np.ndarray) -> np.ndarray:
+        """As :meth:`__call__`, for a caller that owns the machine: spinning as ``spinning`` says."""
+        if self.spinning_session is None:
+            return self(images)
+        if self.governor is None:  # spinning=True
+            self.runs.spinning += 1
+            return self._run(self.spinning_session, images)
+        spin = self.governor.should_spin()
+        started = self._clock()
+        out = self._run(self.spinning_session if spin else self.session, images)
+        # Per image: a caller that mixes batch sizes still compares like with like.
+        self.governor.record(spin, (self._clock() - started) * 1e3 / max(1, images.shape[0]))
+        if spin:
+            self.runs.spinning += 1
+        else:
+            self.runs.plain += 1
+        return out
+
+    def _run(self, session, images: np.ndarray) -> np.ndarray:
+        if session is None:
             raise RuntimeError(f"{self.name}: backend is closed")
         images = np.ascontiguousarray(images, dtype=np.float32)
         step = self.max_batch or max(1, images.shape[0])
         if images.shape[0] <= step:
-            return self.session.run([self.output_name], {self.input_name: images})[0]
-        return np.concatenate([self.session.run([self.output_name], {self.input_name: images[i:i + step]})[0]
+            return session.run([self.output_name], {self.input_name: images})[0]
+        return np.concatenate([session.run([self.output_name], {self.input_name: images[i:i + step]})[0]
                                for i in range(0, images.shape[0], step)])
 
     def close(self) -> None:
         self.session = None
+        self.spinning_session = None
+
+
+@dataclass
+class RunCounts:
+    """Backbone runs per session of an :class:`OrtBackend` (the watch pipeline and servers must show no
+    spinning runs; benchmarks report how often ``auto`` spun)."""
+
+    plain: int = 0
+    spinning: int = 0
 
 
 @dataclass
@@ -244,8 +300,12 @@ def int8_graph_problem(bundle: Bundle, kind: str | None = None) -> str | None:
 
 
 def _open_one(kind: str, bundle: Bundle, threads: int | None, precision: str | None,
-              spinning: bool = False) -> Backend:
+              spinning: bool | str = False) -> Backend:
     manifest = bundle.manifest
+    if kind != "ort-cpu":
+        # Spinning is about the CPU provider's intra-op pool, which does the work only on ort-cpu; a second
+        # session on a GPU provider would hold a second copy of the graph (and its engines) in GPU memory.
+        spinning = False
     if kind == "tensorrt":
         return _open_tensorrt(bundle, precision)
     if precision == "int8":
@@ -292,7 +352,7 @@ def _warm_up(backend: Backend, bundle: Bundle) -> None:
 
 
 def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precision: str | None = None,
-                 spinning: bool = False) -> Backend:
+                 spinning: bool | str = False) -> Backend:
     """Open backend ``kind`` (one of :data:`BACKENDS`) for ``bundle``; ``auto`` tries them best-first.
 
     An explicit ``kind`` that cannot run raises :class:`BackendUnavailable` (whatever failed inside: a
@@ -300,12 +360,14 @@ def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precisio
     ``auto`` opens each candidate and runs one warm-up inference on the bundle's check image; any failure
     moves on to the next one. The returned backend's ``description`` is one line naming it (and under
     ``auto`` which better ones were skipped); ``auto_skipped`` lists a :class:`BackendChoice` per skipped
-    backend with the one-line reason (``--verbose`` prints them).
+    backend with the one-line reason (``--verbose`` prints them). ``spinning`` (False, True or "auto";
+    ONNX Runtime CPU only) is how :meth:`OrtBackend.run_exclusive` spins; ``__call__`` never does.
     """
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    check_spinning_mode(spinning)
     if kind != "auto":
         try:
             backend = _open_one(kind, bundle, threads, precision, spinning)

@@ -104,10 +104,12 @@ class DetectorOptions:
     # BLAS stays on blas_threads). None: `threads` if set, else every usable CPU; 1: no split. The watch
     # pipeline and servers call embed/score_embeddings, which never split: their stages already overlap.
     split_threads: int | None = None
-    # ONNX Runtime's intra-op threads busy-wait during a run and stop when it returns (OrtBackend). Faster
-    # when the detector owns the machine, far slower when another process holds a core (numbers in
-    # runtime/backends.py); the watch pipeline's stages overlap and need it off.
-    ort_spinning: bool = False
+    # ONNX Runtime CPU's intra-op threads busy-wait during a run of the single-stream path (batch,
+    # run_frames) and stop when it returns: faster when the detector owns the machine, slower on average
+    # when another process holds a core (results/latency_spinning.md). "auto": a second session over the
+    # same graph spins while a governor finds it faster (runtime/spin_governor.py); True: always; False:
+    # never (one session, less memory). The watch pipeline and servers (embed) never spin: their stages overlap.
+    ort_spinning: bool | str = "auto"
 
 
 class Detector:
@@ -203,19 +205,25 @@ class Detector:
             buffers = self._inputs.buffers = InputBuffers(self.geometry, self._split)
         return buffers
 
-    def embed(self, tensor: np.ndarray) -> np.ndarray:
-        """Network batch ``[B, 3, H, W]`` -> embeddings ``[B, h*w, D]`` from the backend."""
+    def embed(self, tensor: np.ndarray, *, exclusive: bool = False) -> np.ndarray:
+        """Network batch ``[B, 3, H, W]`` -> embeddings ``[B, h*w, D]`` from the backend.
+
+        ``exclusive``: the caller owns the machine (the single-stream path), so the backend may spin
+        (``DetectorOptions.ort_spinning``); the watch pipeline and servers call without it and never spin."""
         if self.backend is None:
             raise RuntimeError("this detector was opened for scoring only (Detector.open_scoring): no backend")
+        if exclusive:
+            # Backends without a spinning session (TensorRT, GPU providers) run the same either way.
+            return getattr(self.backend, "run_exclusive", self.backend)(tensor)
         return self.backend(tensor)
 
     def score_tensor(self, tensor: np.ndarray, placements: list[Placement], sources: list[str | None] | None = None,
                      *, split: bool = False) -> list[Result]:
         """Network batch ``[B, 3, H, W]`` (already preprocessed) -> results in original-image coordinates.
 
-        ``split``: as :meth:`score_embeddings`."""
+        ``split``: as :meth:`score_embeddings`; it also lets the backbone spin (:meth:`embed`)."""
         t0 = time.perf_counter()
-        embeddings = self.embed(tensor)
+        embeddings = self.embed(tensor, exclusive=split)
         t1 = time.perf_counter()
         results = self.score_embeddings(embeddings, placements, sources, split=split)
         backbone_ms = (t1 - t0) * 1e3 / len(results)

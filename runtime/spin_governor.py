@@ -1,0 +1,197 @@
+"""Whether the single-stream path's next backbone run should use ONNX Runtime's spinning session.
+
+ONNX Runtime's intra-op threads can busy-wait between the ops of a run (``allow_spinning``, stopped when the
+run returns: ``force_spinning_stop``). When the detector owns the machine that saves 0.5-0.7 ms of a 2.5-3.5 ms
+backbone; when another process holds one of the cores, the spinning thread fights it for that core and the
+runs turn bimodal: most as fast as when quiet, a third 3-5x slower (measured on 2 cores with a busy process:
+FP32 p50 3.2-3.9 ms but p90 9-13 ms, against 3.9-4.1 / 4.7 without spinning), so on average spinning loses.
+
+:class:`SpinGovernor` decides run by run from the runs' own wall times; nothing is read from the system:
+
+- it starts with ``window`` runs of the plain (non-spinning) session, then *probes*: ``window`` spinning
+  runs. The probe wins when its typical time (:func:`typical`) is below the plain runs' just before it;
+  then the governor spins;
+- while spinning it keeps the lowest typical time of the last ``window`` spinning runs since the probe (the
+  quiet level); when the current typical time exceeds ``slow_ratio`` times that level (another process
+  took a core: a third of the runs 3x slower), it *stands down*: the next ``stand_down`` runs use the plain
+  session, then it probes again;
+- a lost probe doubles the next stand-down (up to ``max_stand_down``), so a long contended period costs one
+  probe per ever longer stretch of plain runs; a won probe resets it, so a return to quiet is found within
+  one stand-down.
+
+The decision is a comparison of the two sessions measured under the same conditions (the plain runs of a
+stand-down and the probe that follows it), so a machine that is uniformly slower (another engineer's job
+on both cores) does not by itself turn spinning off; the slow-ratio alarm only decides when to compare
+again. The governor holds no clock: the caller times the runs and passes milliseconds per image to
+:meth:`SpinGovernor.record`, so tests drive it with chosen figures. One governor per backend; a lock
+makes it safe for several threads that run frames at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+#: The values ``DetectorOptions.ort_spinning`` takes: never, always (the single-stream path), or governed.
+SPINNING_MODES = (False, True, "auto")
+
+
+def check_spinning_mode(value: object) -> bool | str:
+    """``value`` if it is one of :data:`SPINNING_MODES`, else ``ValueError`` saying what is accepted."""
+    # `is`, not `in`: 1 == True and 0 == False, and an integer is not what the option means.
+    if value is True or value is False or value == "auto":
+        return value
+    raise ValueError(f"ort_spinning must be True, False or 'auto', got {value!r}")
+
+
+def typical(times_ms: Sequence[float]) -> float:
+    """The mean without the single largest value: one stray slow run (a page fault, a first run's
+    allocations) does not move it, while a contended session's many slow runs do (a median would hide
+    them: with a third of the runs 3x slower the median barely moves, the average cost does)."""
+    if not times_ms:
+        raise ValueError("no run times")
+    if len(times_ms) == 1:
+        return float(times_ms[0])
+    return (sum(times_ms) - max(times_ms)) / (len(times_ms) - 1)
+
+
+@dataclass(frozen=True)
+class SpinPolicy:
+    """How the governor compares and backs off (counts are backbone runs, i.e. single-stream calls)."""
+
+    # Runs per comparison: the plain runs before a probe, the probe's spinning runs, and the spinning runs
+    # the alarm watches. Eight: enough that one stray run is trimmed away and a contended session's slow
+    # third shows; few enough that a probe under contention costs ~8 slow runs.
+    window: int = 8
+    # Spinning's typical time this far above its quiet level raises the alarm. Quiet runs vary by ~5 %
+    # (p90/p50 1.03 on BSData); contention lifts the typical time 1.5-2x.
+    slow_ratio: float = 1.3
+    # Plain runs after the alarm or the first lost probe (at least `window`: the probe compares with them).
+    first_stand_down: int = 16
+    # Longest stand-down after repeated lost probes: ~1000 runs is a few seconds at full rate, so a long
+    # contended period costs under 1 % of its runs in probes, and quiet is found again within seconds.
+    max_stand_down: int = 1024
+    # Spinning runs without an alarm after which a won probe counts as a return to quiet and the stand-down
+    # length goes back to first_stand_down. Until then an alarm doubles it like a lost probe: under
+    # contention a third of the spinning runs are slow, so now and then a probe's few runs are all fast
+    # and it wins by luck (measured: 7 of 8 probes won that way in a 330-frame contended run).
+    settle_runs: int = 64
+
+    def __post_init__(self) -> None:
+        if self.window < 2:
+            raise ValueError(f"SpinPolicy.window must be at least 2, got {self.window}")
+        if not self.slow_ratio > 1.0:
+            raise ValueError(f"SpinPolicy.slow_ratio must be above 1, got {self.slow_ratio}")
+        if self.first_stand_down < self.window:
+            raise ValueError(f"SpinPolicy.first_stand_down ({self.first_stand_down}) must be at least the window "
+                             f"({self.window}): the probe compares with the plain runs of the stand-down")
+        if self.settle_runs < 1:
+            raise ValueError(f"SpinPolicy.settle_runs must be at least 1, got {self.settle_runs}")
+        if self.max_stand_down < self.first_stand_down:
+            raise ValueError(f"SpinPolicy.max_stand_down ({self.max_stand_down}) must be at least "
+                             f"first_stand_down ({self.first_stand_down})")
+
+
+@dataclass
+class SpinStats:
+    """What the governor has done (for tests, benchmarks and ``--verbose``-style reports)."""
+
+    spinning_runs: int = 0
+    plain_runs: int = 0
+    probes_won: int = 0
+    probes_lost: int = 0
+    alarms: int = 0  # stand-downs because spinning became slow
+
+
+class SpinGovernor:
+    """Per run: spin or not (:meth:`should_spin`), then the run's time (:meth:`record`). See the module."""
+
+    PLAIN, PROBE, SPIN = "plain", "probe", "spin"
+
+    def __init__(self, policy: SpinPolicy | None = None):
+        self.policy = policy or SpinPolicy()
+        self.stats = SpinStats()
+        self._lock = threading.Lock()
+        w = self.policy.window
+        self._plain: deque[float] = deque(maxlen=w)  # the latest plain runs (ms per image)
+        self._spin: deque[float] = deque(maxlen=w)  # the latest spinning runs since the probe was won
+        self._probe: list[float] = []
+        self._state = self.PLAIN
+        self._plain_left = w  # start by measuring the plain session, then probe
+        self._next_stand_down = self.policy.first_stand_down
+        self._quiet_level = float("inf")  # spinning's lowest typical time since the probe was won
+        self._plain_level = float("inf")  # the plain session's typical time when the probe was won
+        self._spun_since_win = 0
+
+    @property
+    def state(self) -> str:
+        """``plain`` (standing down), ``probe`` or ``spin``."""
+        return self._state
+
+    @property
+    def next_stand_down(self) -> int:
+        """Plain runs the next lost probe or alarm will cost."""
+        return self._next_stand_down
+
+    def should_spin(self) -> bool:
+        """Whether the next run should use the spinning session."""
+        with self._lock:
+            return self._state != self.PLAIN
+
+    def record(self, spun: bool, ms_per_image: float) -> None:
+        """The run's wall time per image; moves the governor on (a run decided before a change of state,
+        by another thread, only adds its time)."""
+        with self._lock:
+            if spun:
+                self.stats.spinning_runs += 1
+                self._record_spinning(ms_per_image)
+            else:
+                self.stats.plain_runs += 1
+                self._plain.append(ms_per_image)
+                if self._state == self.PLAIN:
+                    self._plain_left -= 1
+                    if self._plain_left <= 0:
+                        self._state, self._probe = self.PROBE, []
+
+    def _record_spinning(self, ms: float) -> None:
+        if self._state == self.PROBE:
+            self._probe.append(ms)
+            if len(self._probe) >= self.policy.window:
+                self._judge_probe()
+        elif self._state == self.SPIN:
+            self._spin.append(ms)
+            self._spun_since_win += 1
+            if self._spun_since_win == self.policy.settle_runs:
+                self._next_stand_down = self.policy.first_stand_down  # spinning held: quiet again
+            level = typical(self._spin)
+            self._quiet_level = min(self._quiet_level, level)
+            # Slower than its own quiet level by the ratio, or slower than the plain session was just
+            # before the probe: either way, time to compare the two again.
+            if level > self.policy.slow_ratio * self._quiet_level or level > self._plain_level:
+                self.stats.alarms += 1
+                self._stand_down(settled=self._spun_since_win >= self.policy.settle_runs)
+
+    def _judge_probe(self) -> None:
+        probe = typical(self._probe)
+        plain = typical(self._plain) if self._plain else float("inf")
+        if probe < plain:
+            self.stats.probes_won += 1
+            self._state = self.SPIN
+            self._spin.clear()
+            self._spin.extend(self._probe)
+            self._quiet_level, self._plain_level = probe, plain
+            self._spun_since_win = 0
+        else:
+            self.stats.probes_lost += 1
+            self._stand_down(settled=False)
+
+    def _stand_down(self, settled: bool) -> None:
+        """Plain runs for the current stand-down length; unless spinning had settled, the next is doubled."""
+        self._state = self.PLAIN
+        self._plain_left = self._next_stand_down
+        if not settled:
+            self._next_stand_down = min(2 * self._next_stand_down, self.policy.max_stand_down)
+        self._spin.clear()
+        self._probe = []
