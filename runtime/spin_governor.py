@@ -9,15 +9,16 @@ FP32 p50 3.2-3.9 ms but p90 9-13 ms, against 3.9-4.1 / 4.7 without spinning), so
 :class:`SpinGovernor` decides run by run from the runs' own wall times; nothing is read from the system:
 
 - it starts with ``window`` runs of the plain (non-spinning) session, then *probes*: ``window`` spinning
-  runs. The probe wins when its typical time (:func:`typical`) is below the plain runs' just before it;
-  then the governor spins;
+  runs. The probe wins when its typical time (:func:`typical`: the mean, one stray run left out) is below
+  the plain runs' just before it; then the governor spins;
 - while spinning it keeps the lowest typical time of the last ``window`` spinning runs since the probe (the
   quiet level); when the current typical time exceeds ``slow_ratio`` times that level (another process
-  took a core: a third of the runs 3x slower), it *stands down*: the next ``stand_down`` runs use the plain
-  session, then it probes again;
+  took a core: a third of the runs 3x slower) or the plain session's time before the probe, it *stands
+  down*: the next runs use the plain session, then it probes again;
 - a lost probe doubles the next stand-down (up to ``max_stand_down``), so a long contended period costs one
-  probe per ever longer stretch of plain runs; a won probe resets it, so a return to quiet is found within
-  one stand-down.
+  probe per ever longer stretch of plain runs; so does an alarm soon after a won probe (a lucky probe:
+  its few runs all fell in the fast mode). Once spinning has held for ``settle_runs`` runs the length goes
+  back to ``first_stand_down``, so a return to quiet is found within one (capped) stand-down.
 
 The decision is a comparison of the two sessions measured under the same conditions (the plain runs of a
 stand-down and the probe that follows it), so a machine that is uniformly slower (another engineer's job
@@ -46,15 +47,24 @@ def check_spinning_mode(value: object) -> bool | str:
     raise ValueError(f"ort_spinning must be True, False or 'auto', got {value!r}")
 
 
+#: A run more than this many times the window's median is far out: alone, a stray (ignored); two or more, a pattern.
+STRAY_RATIO = 2.0
+
+
 def typical(times_ms: Sequence[float]) -> float:
-    """The mean without the single largest value: one stray slow run (a page fault, a first run's
-    allocations) does not move it, while a contended session's many slow runs do (a median would hide
-    them: with a third of the runs 3x slower the median barely moves, the average cost does)."""
+    """The runs' mean, ignoring one stray: when exactly one run is more than :data:`STRAY_RATIO` times the
+    median (a page fault, a session's first run allocating its buffers) it is left out; two or more such
+    runs are what a contended spinning session looks like and all count. Not the median: with a third of
+    the runs 3x slower the median barely moves while the average cost grows by half; not a plain trimmed
+    mean either: dropping the largest of 2-3 slow runs in 8 hides most of that cost."""
     if not times_ms:
         raise ValueError("no run times")
-    if len(times_ms) == 1:
-        return float(times_ms[0])
-    return (sum(times_ms) - max(times_ms)) / (len(times_ms) - 1)
+    ordered = sorted(times_ms)
+    n = len(ordered)
+    median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+    if n > 2 and ordered[-1] > STRAY_RATIO * median and ordered[-2] <= STRAY_RATIO * median:
+        return sum(ordered[:-1]) / (n - 1)
+    return sum(ordered) / n
 
 
 @dataclass(frozen=True)

@@ -267,17 +267,19 @@ def test_core_split_stands_down_while_the_helpers_are_late(monkeypatch):
         assert any(name.startswith("pcedge-split") for name in threads_used) and pool.stood_down == 1
 
 
-def test_ort_spinning_is_opt_in_and_stops_after_each_run(fixture_bundle):
-    """DetectorOptions.ort_spinning: off by default (watch needs it off); on, the threads stop after a run."""
-    with Detector.open(fixture_bundle, backend="ort-cpu", index="exact") as default:
-        options = default.backend.session.get_session_options()
+def test_ort_spinning_off_and_on_and_the_spinning_session_stops_after_each_run(fixture_bundle):
+    """DetectorOptions.ort_spinning False: one session that never spins; True: the single-stream path runs
+    a second session that spins during runs and stops when they return (tests/test_spinning.py: "auto")."""
+    with Detector.open(fixture_bundle, backend="ort-cpu", index="exact", ort_spinning=False) as off:
+        options = off.backend.session.get_session_options()
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-        assert not default.backend.spinning and "spinning" not in default.description
-        reference = default(PHOTO)
+        assert off.backend.spinning_session is None and "spinning" not in off.description
+        reference = off(PHOTO)
     with Detector.open(fixture_bundle, backend="ort-cpu", index="exact", ort_spinning=True) as spinning:
-        options = spinning.backend.session.get_session_options()
+        options = spinning.backend.spinning_session.get_session_options()
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
         assert options.get_session_config_entry("session.force_spinning_stop") == "1"
         assert "spinning during runs" in spinning.description
         result = spinning(PHOTO)
-    assert result.score == pytest.approx(reference.score, rel=1e-6)
+        assert spinning.backend.runs.spinning == 1
+    assert result.score == reference.score

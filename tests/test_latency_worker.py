@@ -56,3 +56,25 @@ def test_worker_times_fp32_and_reports_a_missing_precision_as_skipped(tmp_path, 
         assert int8["status"] == "ran" and int8["per_image_ms"]["n"] == 3
     else:
         assert int8["status"] == "skipped" and "int8" in int8["reason"].lower() and "model.onnx" in int8["reason"]
+
+
+def test_worker_sets_the_spinning_mode_and_records_how_the_backbone_ran(tmp_path, fixture_bundle):
+    """``--spin off|on|auto`` (bench_spinning.py's rows) is DetectorOptions.ort_spinning; the record counts the
+    runs per session, and for auto the governor's counters; a legacy ``--ort-spinning`` variant still runs."""
+    records = {}
+    for name, flags in {"off": ["--spin", "off"], "on": ["--spin", "on"], "auto": ["--spin", "auto"],
+                        "legacy": ["--ort-spinning", "1", "--ort-spinning-stop"]}.items():
+        out = tmp_path / f"{name}.json"
+        done = subprocess.run([sys.executable, str(WORKER), "--tree", str(ROOT), "--bundle", str(fixture_bundle),
+                               "--data", str(BSD), "--repeats", "20", "--warmup", "1", "--frames", "2",
+                               "--out", str(out), *flags], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        records[name] = json.loads(out.read_text())
+    assert records["off"]["spin"] == {"runs": {"plain": 21, "spinning": 0}}
+    assert records["on"]["spin"] == {"runs": {"plain": 0, "spinning": 21}}
+    auto = records["auto"]["spin"]
+    assert auto["runs"]["plain"] + auto["runs"]["spinning"] == 21 and auto["runs"]["plain"] >= 8
+    assert auto["governor"]["plain_runs"] == auto["runs"]["plain"] and auto["governor"]["state"] in ("plain", "probe", "spin")
+    legacy = records["legacy"]
+    assert legacy["status"] == "ran" and "force_spinning_stop" in legacy["description"]
+    assert legacy["spin"]["runs"] == {"plain": 21, "spinning": 0}  # the one session, re-created spinning

@@ -111,15 +111,16 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
 
 
-def open_detector(args: argparse.Namespace, command: str):
+def open_detector(args: argparse.Namespace, command: str, **overrides):
     """The command's :class:`~pcedge.runtime.detector.Detector`, or None after printing why it cannot open
-    (missing or tampered bundle, unavailable backend, bad option) as ``pcedge COMMAND: reason``."""
+    (missing or tampered bundle, unavailable backend, bad option) as ``pcedge COMMAND: reason``.
+    ``overrides``: :class:`DetectorOptions` fields the command fixes (as :func:`detector_options`)."""
     from pcedge.runtime.bundle import BundleError
     from pcedge.runtime.detector import Detector
     from pcedge.runtime.errors import BackendUnavailable
 
     try:
-        detector = Detector.open(args.bundle, detector_options(args))
+        detector = Detector.open(args.bundle, detector_options(args, **overrides))
     except (BundleError, BackendUnavailable, ValueError) as exc:
         print(f"pcedge {command}: {exc}", file=sys.stderr)
         return None

@@ -66,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     # (benchmarks/bench_watch_threads.py, results/watch_threads.json, 5 rounds at load ~9: 76.1 FPS and
     # 32.2 ms p50 latency; one ONNX Runtime thread 77.4 FPS, 35.5 ms, the same within noise; two BLAS
     # threads 20-29 FPS at 2.4x the CPU time per frame, their threads busy-waiting on the backbone's core).
-    detector = open_remote(args, "watch") if args.server else open_detector(args, "watch")
+    # ort_spinning False: the pipeline's backbone never spins (its stages overlap on the cores; Detector.embed
+    # uses the non-spinning session anyway), so the second, spinning session would only cost memory.
+    detector = open_remote(args, "watch") if args.server else open_detector(args, "watch", ort_spinning=False)
     if detector is None:
         return 2
     with detector:
