@@ -10,7 +10,8 @@ FP32 p50 3.2-3.9 ms but p90 9-13 ms, against 3.9-4.1 / 4.7 without spinning), so
 
 - it starts with ``window`` runs of the plain (non-spinning) session, then *probes*: ``window`` spinning
   runs. The probe wins when its typical time (:func:`typical`: the mean, one stray run left out) is below
-  the plain runs' just before it; then the governor spins;
+  the plain runs' just before it by ``win_margin``; then the governor spins (the first run after a switch
+  of session is slower, so it is not compared);
 - while spinning it keeps the lowest typical time of the last ``window`` spinning runs since the probe (the
   quiet level); when the current typical time exceeds ``slow_ratio`` times that level (another process
   took a core: a third of the runs 3x slower) or the plain session's time before the probe, it *stands
@@ -78,7 +79,13 @@ class SpinPolicy:
     # Spinning's typical time this far above its quiet level raises the alarm. Quiet runs vary by ~5 %
     # (p90/p50 1.03 on BSData); contention lifts the typical time 1.5-2x.
     slow_ratio: float = 1.3
-    # Plain runs after the alarm or the first lost probe (at least `window`: the probe compares with them).
+    # A probe must beat the plain session by this fraction. Quiet, spinning is ~20 % faster (BSData FP32 and
+    # INT8); under contention the two sessions' averages come within a few per cent of each other, and
+    # flipping between them then costs more than either: the first run after a switch of session is ~1 ms
+    # slower (its pool's thread wakes up, its weights are out of cache; measured, FP32, 2 cores).
+    win_margin: float = 0.1
+    # Plain runs after the alarm or the first lost probe (more than `window`: the probe compares with them,
+    # and the first run after a switch is not counted).
     first_stand_down: int = 16
     # Longest stand-down after repeated lost probes: ~1000 runs is a few seconds at full rate, so a long
     # contended period costs under 1 % of its runs in probes, and quiet is found again within seconds.
@@ -94,8 +101,10 @@ class SpinPolicy:
             raise ValueError(f"SpinPolicy.window must be at least 2, got {self.window}")
         if not self.slow_ratio > 1.0:
             raise ValueError(f"SpinPolicy.slow_ratio must be above 1, got {self.slow_ratio}")
-        if self.first_stand_down < self.window:
-            raise ValueError(f"SpinPolicy.first_stand_down ({self.first_stand_down}) must be at least the window "
+        if not 0.0 <= self.win_margin < 1.0:
+            raise ValueError(f"SpinPolicy.win_margin must be in [0, 1), got {self.win_margin}")
+        if self.first_stand_down <= self.window:
+            raise ValueError(f"SpinPolicy.first_stand_down ({self.first_stand_down}) must be more than the window "
                              f"({self.window}): the probe compares with the plain runs of the stand-down")
         if self.settle_runs < 1:
             raise ValueError(f"SpinPolicy.settle_runs must be at least 1, got {self.settle_runs}")
@@ -134,6 +143,7 @@ class SpinGovernor:
         self._quiet_level = float("inf")  # spinning's lowest typical time since the probe was won
         self._plain_level = float("inf")  # the plain session's typical time when the probe was won
         self._spun_since_win = 0
+        self._last_spun = False  # the session of the latest run: the first run after a switch is not compared
 
     @property
     def state(self) -> str:
@@ -154,12 +164,16 @@ class SpinGovernor:
         """The run's wall time per image; moves the governor on (a run decided before a change of state,
         by another thread, only adds its time)."""
         with self._lock:
+            # The first run after a switch pays for the switch (~1 ms): counted, but not compared.
+            switched, self._last_spun = spun != self._last_spun, spun
             if spun:
                 self.stats.spinning_runs += 1
-                self._record_spinning(ms_per_image)
+                if not switched:
+                    self._record_spinning(ms_per_image)
             else:
                 self.stats.plain_runs += 1
-                self._plain.append(ms_per_image)
+                if not switched:
+                    self._plain.append(ms_per_image)
                 if self._state == self.PLAIN:
                     self._plain_left -= 1
                     if self._plain_left <= 0:
@@ -186,7 +200,7 @@ class SpinGovernor:
     def _judge_probe(self) -> None:
         probe = typical(self._probe)
         plain = typical(self._plain) if self._plain else float("inf")
-        if probe < plain:
+        if probe < (1.0 - self.policy.win_margin) * plain:
             self.stats.probes_won += 1
             self._state = self.SPIN
             self._spin.clear()
