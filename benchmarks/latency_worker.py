@@ -120,14 +120,14 @@ def _respin(detector, bundle: Path, spinning: bool, stop_after_run: bool = False
     backend.description += f" [allow_spinning={int(spinning)}{', force_spinning_stop' if stop_after_run else ''}]"
 
 
-def spin_record(backend) -> dict:
+def spin_record(detector) -> dict:
     """How the backbone ran: runs per ONNX Runtime session and the spin governor's counters (empty for code
     or backends without them)."""
     record = {}
-    runs = getattr(backend, "runs", None)
+    runs = getattr(detector.backend, "runs", None)
     if runs is not None:
         record["runs"] = {"plain": runs.plain, "spinning": runs.spinning}
-    governor = getattr(backend, "governor", None)
+    governor = getattr(detector, "spin_governor", None)
     if governor is not None:
         record["governor"] = {**vars(governor.stats), "state": governor.state}
     return record
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             status="ran", description=detector.description, index_kind=getattr(detector.index, "kind", "?"),
             bank=list(detector.bank.shape), frames=len(frames), frame_shapes=sorted({str(f.shape) for f in frames}),
             per_image_ms=percentiles(calls), stages_ms={name: percentiles(v) for name, v in stages.items()},
-            loadavg_after=list(os.getloadavg()), spin=spin_record(detector.backend),
+            loadavg_after=list(os.getloadavg()), spin=spin_record(detector),
         )
     args.out.write_text(json.dumps(record, indent=1))
     return 0

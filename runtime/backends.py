@@ -9,16 +9,15 @@ one that can really run here and says which and why; an explicitly requested bac
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from .bundle import Bundle, Int8Report
 from .errors import BackendUnavailable
-from .spin_governor import SpinGovernor, SpinPolicy, check_spinning_mode
+from .spin_governor import check_spinning_mode
 
 BACKENDS = ("auto", "tensorrt", "ort-trt", "ort-cuda", "ort-cpu")
 #: What the network computes in: float32 (model.onnx), float16 (TensorRT FP16, model_fp16.onnx on ORT CUDA)
@@ -71,19 +70,18 @@ class OrtBackend:
     EP's FP16 mode, "int8" for its QDQ graph), for the acceptance checks' tolerances.
 
     Two ways to run: :meth:`__call__` never spins (the watch pipeline, servers, verification: their stages
-    overlap with the backbone, which must leave the cores alone); :meth:`run_exclusive` is for a caller
-    that owns the machine (the single-stream ``Detector.run_frames``) and follows ``spinning``: False runs
-    the same session, True a second session over the same graph whose intra-op threads spin during each
-    run, "auto" one or the other as a :class:`~pcedge.runtime.spin_governor.SpinGovernor` decides from the
-    runs' times. The two sessions differ only in that setting (same graph, options and thread count), so
-    their outputs are bit-identical (tested). With one intra-op thread there is nothing to spin: no second
-    session.
+    overlap with the backbone, which must leave the cores alone); :meth:`run_spinning` runs a second session
+    over the same graph whose intra-op threads busy-wait during each run, for a caller that owns the machine
+    (the single-stream ``Detector.run_frames``, which decides per frame: ``DetectorOptions.ort_spinning``,
+    runtime/spin_governor.py). ``spinning`` False opens no second session (``run_spinning`` then runs the
+    plain one); True or "auto" open it (recorded in ``spinning`` for the detector; only ort-cpu with more
+    than one intra-op thread has something to spin). The two sessions differ only in that setting (same
+    graph, options and thread count), so their outputs are bit-identical (tested).
     """
 
     def __init__(self, model_path: Path, kind: str = "ort-cpu", threads: int | None = None,
                  provider_options: dict | None = None, *, max_batch: int | None = None, precision: str = "fp32",
-                 spinning: bool | str = False, spin_policy: SpinPolicy | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 spinning: bool | str = False):
         ort = import_onnxruntime()
         spinning = check_spinning_mode(spinning)
         self.session = None
@@ -91,7 +89,6 @@ class OrtBackend:
         self.max_batch = max_batch
         self.precision = precision
         self.runs = RunCounts()
-        self._clock = clock
         provider = _ORT_PROVIDER[kind]
         if provider not in ort.get_available_providers():
             hint = "install onnxruntime-gpu: pip install 'pcedge[gpu]' (see README, GPU)" if kind != "ort-cpu" else ""
@@ -111,8 +108,6 @@ class OrtBackend:
             raise BackendUnavailable(f"{kind}: {provider} did not initialise (no usable GPU?); session used {used}")
         if spinning is not False and self.threads > 1:
             self.spinning_session = self._open_session(ort, model_path, kind, providers, spin=True)
-        self.governor = (SpinGovernor(spin_policy) if spinning == "auto" and self.spinning_session is not None
-                         else None)
         self.spinning = spinning if self.spinning_session is not None else False
         self.name = kind
         self.input_name = self.session.get_inputs()[0].name
@@ -137,7 +132,7 @@ class OrtBackend:
         # batch 1 (benchmarks/bench_latency.py): 26.4 -> 13.6 ms median end to end.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         if spin:
-            # The spinning session (run_exclusive, for a caller that owns the machine): the intra-op threads
+            # The spinning session (run_spinning, for a caller that owns the machine): the intra-op threads
             # busy-wait between the ops of a run and stop as soon as it returns, so the stages after it get
             # the cores. Measured (results/latency_spinning.md, benchmarks/bench_spinning.py): quiet, FP32
             # backbone 3.4 -> 2.7 ms, INT8 2.5 -> 1.9; with another process on one of the 2 cores a third
@@ -156,23 +151,13 @@ class OrtBackend:
         self.runs.plain += 1
         return self._run(self.session, images)
 
-    def run_exclusive(self, images: np.ndarray) -> np.ndarray:
-        """As :meth:`__call__`, for a caller that owns the machine: spinning as ``spinning`` says."""
+    def run_spinning(self, images: np.ndarray) -> np.ndarray:
+        """As :meth:`__call__` on the spinning session, for a caller that owns the machine (the plain
+        session when this backend has no spinning one)."""
         if self.spinning_session is None:
             return self(images)
-        if self.governor is None:  # spinning=True
-            self.runs.spinning += 1
-            return self._run(self.spinning_session, images)
-        spin = self.governor.should_spin()
-        started = self._clock()
-        out = self._run(self.spinning_session if spin else self.session, images)
-        # Per image: a caller that mixes batch sizes still compares like with like.
-        self.governor.record(spin, (self._clock() - started) * 1e3 / max(1, images.shape[0]))
-        if spin:
-            self.runs.spinning += 1
-        else:
-            self.runs.plain += 1
-        return out
+        self.runs.spinning += 1
+        return self._run(self.spinning_session, images)
 
     def _run(self, session, images: np.ndarray) -> np.ndarray:
         if session is None:
@@ -361,7 +346,7 @@ def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precisio
     moves on to the next one. The returned backend's ``description`` is one line naming it (and under
     ``auto`` which better ones were skipped); ``auto_skipped`` lists a :class:`BackendChoice` per skipped
     backend with the one-line reason (``--verbose`` prints them). ``spinning`` (False, True or "auto";
-    ONNX Runtime CPU only) is how :meth:`OrtBackend.run_exclusive` spins; ``__call__`` never does.
+    ONNX Runtime CPU only) opens :meth:`OrtBackend.run_spinning`'s session; ``__call__`` never spins.
     """
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")

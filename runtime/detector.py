@@ -24,6 +24,7 @@ from .core_split import CoreSplit
 from .index import PrunedExactIndex, make_index
 from .preprocess import InputBuffers, Placement, read_image
 from .scoring import Scorer, normalise
+from .spin_governor import SpinChoice
 
 ImageInput = "str | os.PathLike[str] | np.ndarray"
 
@@ -135,6 +136,9 @@ class Detector:
         # Network-input memory reused from frame to frame, one set per thread that calls run_frames (the
         # watch pipeline and a server may call from several); see InputBuffers.
         self._inputs = threading.local()
+        # Spinning on the single-stream path as the backend offers it (OrtBackend.spinning; False for
+        # backends without a spinning session): never, always, or governed frame by frame.
+        self._spin = SpinChoice(getattr(backend, "spinning", False) if backend is not None else False)
         self._split = _open_split(options)  # last: nothing after it can fail and leave its threads behind
 
     @classmethod
@@ -159,6 +163,11 @@ class Detector:
         (a Triton embedder model). :meth:`embed` and the methods that call it are unavailable."""
         options = options or DetectorOptions()
         return cls(open_bundle(bundle_path, verify=options.verify_checksums), None, options)
+
+    @property
+    def spin_governor(self):
+        """The :class:`~pcedge.runtime.spin_governor.SpinGovernor` of ``ort_spinning="auto"``, else None."""
+        return self._spin.governor
 
     @property
     def description(self) -> str:
@@ -189,10 +198,13 @@ class Detector:
         if not frames:
             return []
         sources = sources or [None] * len(frames)
+        spin = self._spin.should_spin()
         t1 = time.perf_counter()
         tensor, placements = self.input_buffers().prepare(frames, sources)
         t2 = time.perf_counter()
-        results = self.score_tensor(tensor, placements, sources, split=True)
+        results = self.score_tensor(tensor, placements, sources, split=True, spin=spin)
+        # The whole call, not the backbone alone: under contention spinning slows the stages after it too.
+        self._spin.record(spin, (time.perf_counter() - t1) * 1e3 / len(frames))
         for r in results:
             r.timings.decode_ms = decode_ms
             r.timings.preprocess_ms = (t2 - t1) * 1e3 / len(frames)
@@ -205,25 +217,22 @@ class Detector:
             buffers = self._inputs.buffers = InputBuffers(self.geometry, self._split)
         return buffers
 
-    def embed(self, tensor: np.ndarray, *, exclusive: bool = False) -> np.ndarray:
+    def embed(self, tensor: np.ndarray, *, spin: bool = False) -> np.ndarray:
         """Network batch ``[B, 3, H, W]`` -> embeddings ``[B, h*w, D]`` from the backend.
 
-        ``exclusive``: the caller owns the machine (the single-stream path), so the backend may spin
-        (``DetectorOptions.ort_spinning``); the watch pipeline and servers call without it and never spin."""
+        ``spin``: run the backend's spinning session (only the single-stream path asks, when its
+        :class:`SpinChoice` says so); the watch pipeline and servers call without it and never spin."""
         if self.backend is None:
             raise RuntimeError("this detector was opened for scoring only (Detector.open_scoring): no backend")
-        if exclusive:
-            # Backends without a spinning session (TensorRT, GPU providers) run the same either way.
-            return getattr(self.backend, "run_exclusive", self.backend)(tensor)
-        return self.backend(tensor)
+        return self.backend.run_spinning(tensor) if spin else self.backend(tensor)
 
     def score_tensor(self, tensor: np.ndarray, placements: list[Placement], sources: list[str | None] | None = None,
-                     *, split: bool = False) -> list[Result]:
+                     *, split: bool = False, spin: bool = False) -> list[Result]:
         """Network batch ``[B, 3, H, W]`` (already preprocessed) -> results in original-image coordinates.
 
-        ``split``: as :meth:`score_embeddings`; it also lets the backbone spin (:meth:`embed`)."""
+        ``split``: as :meth:`score_embeddings`; ``spin``: as :meth:`embed`."""
         t0 = time.perf_counter()
-        embeddings = self.embed(tensor, exclusive=split)
+        embeddings = self.embed(tensor, spin=spin)
         t1 = time.perf_counter()
         results = self.score_embeddings(embeddings, placements, sources, split=split)
         backbone_ms = (t1 - t0) * 1e3 / len(results)

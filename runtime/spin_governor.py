@@ -1,4 +1,4 @@
-"""Whether the single-stream path's next backbone run should use ONNX Runtime's spinning session.
+"""Whether the single-stream path's next frame should run the backbone on ONNX Runtime's spinning session.
 
 ONNX Runtime's intra-op threads can busy-wait between the ops of a run (``allow_spinning``, stopped when the
 run returns: ``force_spinning_stop``). When the detector owns the machine that saves 0.5-0.7 ms of a 2.5-3.5 ms
@@ -6,7 +6,10 @@ backbone; when another process holds one of the cores, the spinning thread fight
 runs turn bimodal: most as fast as when quiet, a third 3-5x slower (measured on 2 cores with a busy process:
 FP32 p50 3.2-3.9 ms but p90 9-13 ms, against 3.9-4.1 / 4.7 without spinning), so on average spinning loses.
 
-:class:`SpinGovernor` decides run by run from the runs' own wall times; nothing is read from the system:
+:class:`SpinGovernor` decides frame by frame from the frames' own wall times (the whole single-stream call,
+per image: under contention spinning also slows the stages after the backbone -- the exact index's split
+helper competes with the spinning thread; measured 2.9 -> 5.5 ms index, INT8, a busy process beside it --
+so the backbone's own time would understate its cost); nothing is read from the system:
 
 - it starts with ``window`` runs of the plain (non-spinning) session, then *probes*: ``window`` spinning
   runs. The probe wins when its typical time (:func:`typical`: the mean, one stray run left out) is below
@@ -24,9 +27,10 @@ FP32 p50 3.2-3.9 ms but p90 9-13 ms, against 3.9-4.1 / 4.7 without spinning), so
 The decision is a comparison of the two sessions measured under the same conditions (the plain runs of a
 stand-down and the probe that follows it), so a machine that is uniformly slower (another engineer's job
 on both cores) does not by itself turn spinning off; the slow-ratio alarm only decides when to compare
-again. The governor holds no clock: the caller times the runs and passes milliseconds per image to
-:meth:`SpinGovernor.record`, so tests drive it with chosen figures. One governor per backend; a lock
-makes it safe for several threads that run frames at once.
+again. The governor holds no clock: the caller times the frames and passes milliseconds per image to
+:meth:`SpinGovernor.record`, so tests drive it with chosen figures. :class:`SpinChoice` is what a
+detector holds: never, always, or a governor. One per detector; a lock makes it safe for several threads
+that run frames at once. Below, "run" means one single-stream call (a frame, or a batch timed per image).
 """
 
 from __future__ import annotations
@@ -79,11 +83,12 @@ class SpinPolicy:
     # Spinning's typical time this far above its quiet level raises the alarm. Quiet runs vary by ~5 %
     # (p90/p50 1.03 on BSData); contention lifts the typical time 1.5-2x.
     slow_ratio: float = 1.3
-    # A probe must beat the plain session by this fraction. Quiet, spinning is ~20 % faster (BSData FP32 and
-    # INT8); under contention the two sessions' averages come within a few per cent of each other, and
-    # flipping between them then costs more than either: the first run after a switch of session is ~1 ms
-    # slower (its pool's thread wakes up, its weights are out of cache; measured, FP32, 2 cores).
-    win_margin: float = 0.1
+    # A probe must beat the plain session by this fraction. Quiet, spinning makes a frame 8-11 % faster
+    # (BSData: FP32 6.9 -> 6.2 ms, INT8 6.0 -> 5.5); under contention the two sessions' averages come within
+    # a few per cent of each other, and flipping between them then costs more than either: the first run
+    # after a switch of session is ~1 ms slower (its pool's thread wakes up, its weights are out of cache;
+    # measured, FP32, 2 cores).
+    win_margin: float = 0.05
     # Plain runs after the alarm or the first lost probe (more than `window`: the probe compares with them,
     # and the first run after a switch is not counted).
     first_stand_down: int = 16
@@ -219,3 +224,23 @@ class SpinGovernor:
             self._next_stand_down = min(2 * self._next_stand_down, self.policy.max_stand_down)
         self._spin.clear()
         self._probe = []
+
+
+class SpinChoice:
+    """What a detector's single-stream path runs: never the spinning session (``False``), always (``True``)
+    or as a :class:`SpinGovernor` decides (``"auto"``); ``mode`` is the backend's (``OrtBackend.spinning``:
+    False when it has no spinning session)."""
+
+    def __init__(self, mode: bool | str, policy: SpinPolicy | None = None):
+        self.mode = check_spinning_mode(mode)
+        self.governor = SpinGovernor(policy) if mode == "auto" else None
+
+    def should_spin(self) -> bool:
+        if self.governor is not None:
+            return self.governor.should_spin()
+        return self.mode is True
+
+    def record(self, spun: bool, ms_per_image: float) -> None:
+        """The frame's wall time per image (only a governor uses it)."""
+        if self.governor is not None:
+            self.governor.record(spun, ms_per_image)
