@@ -12,7 +12,7 @@ helper competes with the spinning thread; measured 2.9 -> 5.5 ms index, INT8, a 
 so the backbone's own time would understate its cost); nothing is read from the system:
 
 - it starts with ``window`` runs of the plain (non-spinning) session, then *probes*: ``window`` spinning
-  runs. The probe wins when its typical time (:func:`typical`: the mean, one stray run left out) is below
+  runs (lost after ``early_loss_runs`` when those are already far slower). The probe wins when its typical time (:func:`typical`: the mean, one stray run left out) is below
   the plain runs' just before it by ``win_margin``; then the governor spins (the first run after a switch
   of session is slower, so it is not compared);
 - while spinning it keeps the lowest typical time of the last ``window`` spinning runs since the probe (the
@@ -89,6 +89,9 @@ class SpinPolicy:
     # after a switch of session is ~1 ms slower (its pool's thread wakes up, its weights are out of cache;
     # measured, FP32, 2 cores).
     win_margin: float = 0.05
+    # A probe is lost early once this many of its runs are on average `slow_ratio` times the plain session's:
+    # under heavy contention (spinning 1.5-2x slower end to end) a probe then costs 4 runs, not window + 1.
+    early_loss_runs: int = 3
     # Plain runs after the alarm or the first lost probe (more than `window`: the probe compares with them,
     # and the first run after a switch is not counted).
     first_stand_down: int = 16
@@ -111,6 +114,9 @@ class SpinPolicy:
         if self.first_stand_down <= self.window:
             raise ValueError(f"SpinPolicy.first_stand_down ({self.first_stand_down}) must be more than the window "
                              f"({self.window}): the probe compares with the plain runs of the stand-down")
+        if not 1 <= self.early_loss_runs <= self.window:
+            raise ValueError(f"SpinPolicy.early_loss_runs must be between 1 and the window ({self.window}), "
+                             f"got {self.early_loss_runs}")
         if self.settle_runs < 1:
             raise ValueError(f"SpinPolicy.settle_runs must be at least 1, got {self.settle_runs}")
         if self.max_stand_down < self.first_stand_down:
@@ -187,7 +193,9 @@ class SpinGovernor:
     def _record_spinning(self, ms: float) -> None:
         if self._state == self.PROBE:
             self._probe.append(ms)
-            if len(self._probe) >= self.policy.window:
+            early = (len(self._probe) == self.policy.early_loss_runs and self._plain
+                     and typical(self._probe) > self.policy.slow_ratio * typical(self._plain))
+            if early or len(self._probe) >= self.policy.window:
                 self._judge_probe()
         elif self._state == self.SPIN:
             self._spin.append(ms)

@@ -81,9 +81,10 @@ def test_contention_stands_down_and_lost_probes_double_the_stand_down_up_to_the_
     assert stand_downs[:4] == [8, 8, 16, 32]  # the alarm's, then each lost probe's
     assert set(stand_downs[4:]) == {32}
     assert governor.stats.probes_won == 1 and governor.stats.probes_lost >= 6
-    # Each lost probe costs window + 1 spinning runs (the first after the switch is not compared): 12
-    # probes in 400 runs here, and ever fewer per run as the stand-downs grow (default cap: 1024 runs).
-    assert sum(decisions) == (policy.window + 1) * 12
+    # Each lost probe costs 1 + early_loss_runs spinning runs (the first after the switch is not compared;
+    # 20 ms against 9 is lost early): 12 probes in 400 runs here, ever fewer per run as the stand-downs
+    # grow (default cap: 1024 runs).
+    assert governor.stats.probes_lost == 12 and sum(decisions) == (1 + policy.early_loss_runs) * 12
 
 
 def test_bimodal_contention_is_judged_by_the_average_not_the_typical_fast_run():
@@ -154,6 +155,7 @@ def test_typical_leaves_out_one_stray_run_but_not_a_pattern():
     (dict(win_margin=1.0), "win_margin"),
     (dict(first_stand_down=16, max_stand_down=8), "max_stand_down"),
     (dict(settle_runs=0), "settle_runs"),
+    (dict(window=4, first_stand_down=8, early_loss_runs=5), "early_loss_runs"),
 ])
 def test_bad_policies_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
