@@ -2,47 +2,49 @@
 
 ``DetectorOptions.ort_spinning`` False (one session that never busy-waits), True (the backbone's intra-op
 threads spin during each run and stop when it returns) and "auto" (the default: a second session that
-spins while ``runtime/spin_governor.py`` finds it faster). Each is measured end to end exactly as
-``bench_latency.py`` measures a row (its ``latency_worker.py``, one process per row: the default BSData
-bundle, ort-cpu, batch 1, decode excluded), for the FP32 and the INT8 graph, in two conditions:
+spins while ``runtime/spin_governor.py`` finds the frames faster). Measured end to end as
+``bench_latency.py`` measures a row (default BSData bundle, ort-cpu, batch 1, decode excluded), for the
+FP32 and the INT8 graph, in two conditions:
 
-- ``quiet``: nothing of ours runs beside the row (the machine's other load shows in the load average);
-- ``contended``: a competing process runs a pure-Python busy loop for the duration of the row (started just
-  before the worker, killed after it; not pinned, so the scheduler places it as it would a user's job): on a
-  2-core machine it holds about one core.
+- ``quiet``: nothing of ours runs beside it (the machine's other load shows in the load average);
+- ``contended``: a competing process runs a pure-Python busy loop throughout (started just before the
+  worker, killed after it; not pinned, so the scheduler places it as it would a user's job): on a 2-core
+  machine it holds about one core.
 
-Rows are interleaved: every round runs each condition's six rows in a rotated order, and the conditions
-alternate which goes first. Per row the JSON keeps every round's median, the stages, the load average before
-and after, and for "auto" how many runs spun. The comparisons are paired within a round (the load of a moment
-moves all rows of a round together): auto - on in the quiet rounds (target: within ~0.1 ms), auto - off in
-the contended rounds (target: no worse beyond the noise, here the spread of "off" between rounds).
+Each (round, condition, precision) is one process (``spinning_worker.py``) holding the three detectors and
+running them in alternating blocks of 30 frames, so the three modes share the same moments of the machine
+(separate processes one after another did not: on this shared machine the load moved by several ms between
+10-second rows). The comparisons are paired block by block (median over blocks of the difference of
+adjacent blocks' medians, then median over rounds): auto - on when quiet (target: within ~0.1 ms), auto -
+off when contended (target: no worse beyond the noise). The JSON keeps every round's record, the load
+average before and after, and for "auto" how many runs spun and what the governor did.
 
-    python benchmarks/bench_spinning.py                 # -> results/latency_spinning.{json,md} (~5 min)
-    python benchmarks/bench_spinning.py --rounds 5 --repeats 500
+    python benchmarks/bench_spinning.py                 # -> results/latency_spinning.{json,md} (~4 min)
+    python benchmarks/bench_spinning.py --rounds 5 --repeats 600
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_latency import STAGES, Row, git, run_worker  # noqa: E402
+from bench_latency import git  # noqa: E402
 from common import BSDATA, RESULTS, ROOT, MachineInfo, cached_bundle, load_average, log, machine_info, write_json  # noqa: E402
 
 from pcedge.runtime.files import write_text_atomic  # noqa: E402
 
 CONDITIONS = ("quiet", "contended")
 PRECISIONS = ("fp32", "int8")
-SPIN_VARIANTS = ("spin-off", "spin-on", "spin-auto")
 #: Quiet: auto may be this much slower than "on" (ms, median end to end) and still count as the spinning figure.
 QUIET_TOLERANCE_MS = 0.1
 #: The competing job: a pure-Python loop holds one core and touches no memory worth mentioning.
@@ -119,8 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=BSDATA, help="MVTec-layout category (train/good, test/*)")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
-    parser.add_argument("--repeats", type=int, default=300, help="timed images per row per round (default 300)")
-    parser.add_argument("--warmup", type=int, default=30, help="untimed images per row per round first (default 30)")
+    parser.add_argument("--repeats", type=int, default=300, help="timed frames per mode per round (default 300)")
+    parser.add_argument("--block", type=int, default=30, help="frames per mode before the next one runs (default 30)")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed frames per mode per round first (default 30)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--index", default="auto", help="index the rows use (default auto: the default path)")
     parser.add_argument("--threads", type=int, default=None, help="DetectorOptions.threads (default: the runtime's)")
@@ -130,72 +133,82 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def row_name(condition: str, precision: str, variant: str) -> str:
-    return f"{condition}/{precision}/{variant}"
+WORKER = Path(__file__).resolve().parent / "spinning_worker.py"
+MODES = ("off", "on", "auto")
+#: The differences reported per condition (a, b: a - b); the first is the condition's target.
+COMPARISONS = {"quiet": [("auto", "on"), ("on", "off"), ("auto", "off")],
+               "contended": [("auto", "off"), ("on", "off"), ("auto", "on")]}
 
 
-def make_rows(args: argparse.Namespace) -> dict[str, list[Row]]:
-    """Per condition, its rows (``Row.name`` = condition/precision/variant; the variant sets ort_spinning)."""
-    return {c: [Row(row_name(c, p, v), "current", p, v) for p in args.precisions for v in SPIN_VARIANTS]
-            for c in args.conditions}
+def run_worker(condition: str, precision: str, bundle: Path, args: argparse.Namespace, workdir: Path) -> dict:
+    """One process with the three modes interleaved, the competitor beside it when contended."""
+    out = workdir / f"{condition}_{precision}.json"
+    command = [sys.executable, str(WORKER), "--tree", str(ROOT), "--bundle", str(bundle), "--data", str(args.data),
+               "--precision", precision, "--index", args.index, "--repeats", str(args.repeats),
+               "--block", str(args.block), "--warmup", str(args.warmup), "--out", str(out)]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    with Competitor(condition == "contended"):
+        done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-8:])
+        return {"status": "failed", "reason": f"worker exited with {done.returncode}: {tail}"}
+    return json.loads(out.read_text())
 
 
-def _spin(variant: str) -> str:
-    return variant.removeprefix("spin-")
-
-
-def summarise(rows: dict[str, list[Row]], rounds: list[dict]) -> list[SpinRowSummary]:
+def summarise(records: list[dict]) -> list[SpinRowSummary]:
+    """``records``: per round, ``{"condition/precision": worker record}``."""
     summary = []
-    for condition, condition_rows in rows.items():
-        for row in condition_rows:
-            records = [r[row.name] for r in rounds if row.name in r]
-            ran = [rec for rec in records if rec.get("status") == "ran"]
+    keys = list(dict.fromkeys(k for r in records for k in r if "/" in k))
+    for key in keys:
+        condition, precision = key.split("/")
+        ran = [r[key] for r in records if r.get(key, {}).get("status") == "ran"]
+        for mode in MODES:
             if not ran:
-                first = records[0] if records else {}
-                summary.append(SpinRowSummary(condition, row.precision, _spin(row.variant), first.get("status", "failed"),
+                first = next((r[key] for r in records if key in r), {})
+                summary.append(SpinRowSummary(condition, precision, mode, first.get("status", "failed"),
                                               first.get("reason", "no record"), [], None, None, [], [], [], None))
                 continue
-            medians = [rec["per_image_ms"]["p50"] for rec in ran]
-            plain = sum(rec.get("spin", {}).get("runs", {}).get("plain", 0) for rec in ran)
-            spinning = sum(rec.get("spin", {}).get("runs", {}).get("spinning", 0) for rec in ran)
+            recs = [rec["modes"][mode] for rec in ran]
+            medians = [m["per_image_ms"]["p50"] for m in recs]
+            runs = [m["spin"].get("runs", {}) for m in recs]
+            plain, spinning = sum(r.get("plain", 0) for r in runs), sum(r.get("spinning", 0) for r in runs)
             summary.append(SpinRowSummary(
-                condition, row.precision, _spin(row.variant), "ran", "", medians, statistics.median(medians),
-                min(medians), [rec["stages_ms"]["backbone"]["p50"] for rec in ran],
-                [rec["per_image_ms"]["p95"] for rec in ran],
+                condition, precision, mode, "ran", "", medians, statistics.median(medians), min(medians),
+                [m["stages_ms"]["backbone"]["p50"] for m in recs], [m["per_image_ms"]["p95"] for m in recs],
                 [[round(rec["loadavg_before"][0], 2), round(rec["loadavg_after"][0], 2)] for rec in ran],
                 spinning / (plain + spinning) if plain + spinning else None,
-                [rec["spin"]["governor"] for rec in ran if "governor" in rec.get("spin", {})],
-                ran[0].get("description", "")))
+                [m["spin"]["governor"] for m in recs if "governor" in m["spin"]], recs[0]["description"]))
     return summary
 
 
-def compare(rows: dict[str, list[Row]], rounds: list[dict]) -> list[Comparison]:
-    """Paired within each round: quiet auto - on (and on - off, for scale), contended auto - off (and on - off)."""
-    wanted = {"quiet": [("auto", "on"), ("on", "off"), ("auto", "off")],
-              "contended": [("auto", "off"), ("on", "off"), ("auto", "on")]}
+def compare(records: list[dict]) -> list[Comparison]:
+    """Per condition and precision: block-paired differences (see the module), median over rounds."""
     out = []
-    precisions = sorted({r.precision for rs in rows.values() for r in rs}, key=PRECISIONS.index)
-    for condition in rows:
-        for precision in precisions:
-            for a, b in wanted[condition]:
-                name_a, name_b = (row_name(condition, precision, f"spin-{v}") for v in (a, b))
-                pairs = [(r[name_a], r[name_b]) for r in rounds
-                         if r.get(name_a, {}).get("status") == "ran" and r.get(name_b, {}).get("status") == "ran"]
-                if not pairs:
-                    continue
-                deltas = [x["per_image_ms"]["p50"] - y["per_image_ms"]["p50"] for x, y in pairs]
-                reference = [y["per_image_ms"]["p50"] for _, y in pairs]
-                centre = statistics.median(reference)
-                noise = statistics.median([abs(v - centre) for v in reference]) if len(reference) > 1 else 0.0
-                delta = statistics.median(deltas)
-                if (condition, a, b) == ("quiet", "auto", "on"):
-                    target, met = f"auto within {QUIET_TOLERANCE_MS} ms of on", delta <= QUIET_TOLERANCE_MS
-                elif (condition, a, b) == ("contended", "auto", "off"):
-                    allowed = max(QUIET_TOLERANCE_MS, noise)
-                    target, met = f"auto no worse than off beyond noise ({allowed:.2f} ms)", delta <= allowed
-                else:
-                    target, met = "for scale", True
-                out.append(Comparison(condition, precision, f"{a} - {b}", delta, deltas, noise, target, met))
+    keys = list(dict.fromkeys(k for r in records for k in r if "/" in k))
+    for key in keys:
+        condition, precision = key.split("/")
+        ran = [r[key] for r in records if r.get(key, {}).get("status") == "ran"]
+        if not ran:
+            continue
+        for i, (a, b) in enumerate(COMPARISONS[condition]):
+            by_round = []
+            for rec in ran:
+                blocks_a, blocks_b = rec["modes"][a]["block_medians_ms"], rec["modes"][b]["block_medians_ms"]
+                by_round.append(statistics.median([x - y for x, y in zip(blocks_a, blocks_b)]))
+            reference = [rec["modes"][b]["per_image_ms"]["p50"] for rec in ran]
+            centre = statistics.median(reference)
+            # The reference mode's spread between rounds: how much the machine moved a median here.
+            noise = statistics.median([abs(v - centre) for v in reference]) if len(reference) > 1 else 0.0
+            delta = statistics.median(by_round)
+            if i > 0:
+                target, met = "for scale", True
+            elif condition == "quiet":
+                target, met = f"auto within {QUIET_TOLERANCE_MS} ms of on", delta <= QUIET_TOLERANCE_MS
+            else:
+                allowed = max(QUIET_TOLERANCE_MS, noise)
+                target, met = f"auto no worse than off beyond noise ({allowed:.2f} ms)", delta <= allowed
+            out.append(Comparison(condition, precision, f"{a} - {b}", delta, by_round, noise, target, met))
     return out
 
 
@@ -211,7 +224,7 @@ def markdown(report: SpinningReport) -> str:
         "Re-run: `python benchmarks/bench_spinning.py`.",
         "",
         "Milliseconds per image end to end (median of the rounds' medians; backbone likewise; in brackets the "
-        "least disturbed round). Spinning share: runs on the spinning session / all runs.",
+        "least disturbed round). Spinning share: runs on the spinning session / all runs (warm-up included).",
         "",
         "| condition | precision | spinning | median | backbone | p95 | spinning share | rounds | load (1 min, before/after) |",
         "|---|---|---|---:|---:|---:|---:|---|---|",
@@ -226,8 +239,9 @@ def markdown(report: SpinningReport) -> str:
             f"{statistics.median(s.backbone_by_round):.2f} | {statistics.median(s.p95_by_round):.2f} | {share} | "
             f"{', '.join(f'{v:.2f}' for v in s.medians_by_round)} | "
             f"{'; '.join(f'{a:.2f}/{b:.2f}' for a, b in s.loadavg_by_round)} |")
-    lines += ["", "Paired within each round (median over rounds of the difference, end to end, ms; noise = median "
-              "absolute deviation of the reference row over rounds):", "",
+    lines += ["", "Paired block by block (within a round: the median over blocks of the difference between adjacent "
+              "blocks' medians; then the median over rounds; end to end, ms; noise = median absolute deviation of "
+              "the reference mode's median over rounds):", "",
               "| condition | precision | difference | ms | by round | noise | target | |", "|---|---|---|---:|---|---:|---|---|"]
     for c in report.comparisons:
         verdict = "" if c.target == "for scale" else ("met" if c.met else "**missed**")
@@ -246,43 +260,40 @@ def markdown(report: SpinningReport) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = make_rows(args)
     cached = cached_bundle("bsdata_default", args.data, fresh=args.fresh)
     machine = machine_info()
     current_commit = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    rounds: list[dict] = []
+    records: list[dict] = []
     workdir = Path(tempfile.mkdtemp(prefix="bench_spinning_"))
     started = time.perf_counter()
     try:
         for number in range(1, args.rounds + 1):
-            conditions = list(rows) if number % 2 else list(reversed(rows))
-            records: dict = {"round": number, "loadavg_before": load_average()}
+            conditions = args.conditions if number % 2 else list(reversed(args.conditions))
+            record: dict = {"round": number, "loadavg_before": load_average()}
             for condition in conditions:
-                condition_rows = rows[condition]
-                shift = (number - 1) % len(condition_rows)
-                for row in condition_rows[shift:] + condition_rows[:shift]:
-                    with Competitor(condition == "contended"):
-                        record = run_worker(row, ROOT, cached.path, args, "", workdir)
-                    records[row.name] = record
-                    if record.get("status") == "ran":
-                        st, spin = record["stages_ms"], record.get("spin", {}).get("runs", {})
-                        log(f"round {number} {row.name:26s} median {record['per_image_ms']['p50']:6.2f} ms (backbone "
-                            f"{st['backbone']['p50']:.2f}; runs plain/spinning {spin.get('plain', '?')}/"
-                            f"{spin.get('spinning', '?')}; load {load_average()[0]})")
+                for precision in args.precisions:
+                    key = f"{condition}/{precision}"
+                    record[key] = rec = run_worker(condition, precision, cached.path, args, workdir)
+                    if rec.get("status") == "ran":
+                        log(f"round {number} {key:15s} median " + ", ".join(
+                            f"{mode} {m['per_image_ms']['p50']:.2f}" for mode, m in rec["modes"].items())
+                            + f" ms; auto spun {rec['modes']['auto']['spin'].get('runs', {}).get('spinning', '?')}"
+                            f" runs; load {load_average()[0]}")
                     else:
-                        log(f"round {number} {row.name:26s} {record.get('status')}: {record.get('reason')}")
-            records["loadavg_after"] = load_average()
-            rounds.append(records)
+                        log(f"round {number} {key:15s} {rec.get('status')}: {rec.get('reason')}")
+            record["loadavg_after"] = load_average()
+            records.append(record)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     machine.loadavg_end = load_average()
     report = SpinningReport(
         setting=f"default BSData bundle ({cached.path.name}), ort-cpu, index {args.index}, batch 1, decode excluded; "
-                f"DetectorOptions.ort_spinning False (off) / True (on) / 'auto'",
+                f"DetectorOptions.ort_spinning False (off) / True (on) / 'auto', interleaved in blocks of "
+                f"{args.block} frames in one process per round, condition and precision",
         current_commit=current_commit, bundle=str(cached.path), machine=machine, repeats=args.repeats,
         warmup=args.warmup, rounds=args.rounds,
-        competitor=f"a child process running `{BUSY_LOOP}` in Python for the duration of each row, not pinned",
-        summary=summarise(rows, rounds), comparisons=compare(rows, rounds), records=rounds)
+        competitor=f"a child process running `{BUSY_LOOP}` in Python throughout, not pinned",
+        summary=summarise(records), comparisons=compare(records), records=records)
     write_json(args.out, report)
     write_text_atomic(args.markdown, markdown(report))
     for c in report.comparisons:
