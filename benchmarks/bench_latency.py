@@ -28,7 +28,9 @@ baseline code cannot open the bundle (a newer manifest), it exports its own with
 
 ``--variants`` adds the process-level thread settings the runtime's defaults replaced (ONNX Runtime's
 intra-op spinning, numpy's BLAS on every core, the single-stream path's resize and index on one thread:
-``no-split``), as extra rows on the current code.
+``no-split``), as extra rows on the current code; ``spin-off`` / ``spin-on`` / ``spin-auto`` set
+``DetectorOptions.ort_spinning`` (the current rows run its default, "auto"). Spinning off / on / auto for
+FP32 and INT8, quiet and contended, interleaved in one process: ``benchmarks/bench_spinning.py``.
 """
 
 from __future__ import annotations

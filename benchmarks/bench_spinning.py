@@ -113,6 +113,7 @@ class SpinningReport:
     competitor: str
     summary: list[SpinRowSummary]
     comparisons: list[Comparison]
+    memory: list[MemoryRow]
     records: list[dict] = field(default_factory=list)  # round -> row -> the worker's record
 
 
@@ -140,12 +141,13 @@ COMPARISONS = {"quiet": [("auto", "on"), ("on", "off"), ("auto", "off")],
                "contended": [("auto", "off"), ("on", "off"), ("auto", "on")]}
 
 
-def run_worker(condition: str, precision: str, bundle: Path, args: argparse.Namespace, workdir: Path) -> dict:
-    """One process with the three modes interleaved, the competitor beside it when contended."""
-    out = workdir / f"{condition}_{precision}.json"
+def run_worker(condition: str, precision: str, bundle: Path, args: argparse.Namespace, workdir: Path,
+               modes: tuple[str, ...] = MODES, repeats: int | None = None) -> dict:
+    """One process with ``modes`` interleaved, the competitor beside it when contended."""
+    out = workdir / f"{condition}_{precision}_{'-'.join(modes)}.json"
     command = [sys.executable, str(WORKER), "--tree", str(ROOT), "--bundle", str(bundle), "--data", str(args.data),
-               "--precision", precision, "--index", args.index, "--repeats", str(args.repeats),
-               "--block", str(args.block), "--warmup", str(args.warmup), "--out", str(out)]
+               "--precision", precision, "--index", args.index, "--repeats", str(repeats or args.repeats),
+               "--block", str(args.block), "--warmup", str(args.warmup), "--out", str(out), "--modes", *modes]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
     with Competitor(condition == "contended"):
@@ -154,6 +156,33 @@ def run_worker(condition: str, precision: str, bundle: Path, args: argparse.Name
         tail = "\n".join(done.stderr.strip().splitlines()[-8:])
         return {"status": "failed", "reason": f"worker exited with {done.returncode}: {tail}"}
     return json.loads(out.read_text())
+
+
+@dataclass
+class MemoryRow:
+    """Resident memory of a process holding one detector, after it has run frames (both sessions, for auto)."""
+
+    precision: str
+    off_mb: float  # VmRSS rise from before Detector.open to after the frames, ort_spinning=False
+    auto_mb: float  # the same with "auto"
+    extra_mb: float  # auto - off: the second (spinning) session
+
+
+def measure_memory(bundle: Path, args: argparse.Namespace, workdir: Path) -> list[MemoryRow]:
+    """Per precision, one process with ``off`` alone and one with ``auto`` alone (quiet, 60 frames each)."""
+    rows = []
+    for precision in args.precisions:
+        rise = {}
+        for mode in ("off", "auto"):
+            rec = run_worker("quiet", precision, bundle, args, workdir, modes=(mode,), repeats=60)
+            if rec.get("status") != "ran" or rec.get("rss_mb_before_open") is None:
+                break
+            rise[mode] = rec["rss_mb_after"] - rec["rss_mb_before_open"]
+        if len(rise) == 2:
+            rows.append(MemoryRow(precision, rise["off"], rise["auto"], rise["auto"] - rise["off"]))
+            log(f"memory {precision}: off +{rise['off']:.1f} MB, auto +{rise['auto']:.1f} MB "
+                f"(the spinning session: +{rise['auto'] - rise['off']:.1f} MB)")
+    return rows
 
 
 def summarise(records: list[dict]) -> list[SpinRowSummary]:
@@ -247,6 +276,11 @@ def markdown(report: SpinningReport) -> str:
         verdict = "" if c.target == "for scale" else ("met" if c.met else "**missed**")
         lines.append(f"| {c.condition} | {c.precision} | {c.what} | {c.paired_delta_ms:+.2f} | "
                      f"{', '.join(f'{d:+.2f}' for d in c.deltas_by_round)} | {c.noise_ms:.2f} | {c.target} | {verdict} |")
+    if report.memory:
+        lines += ["", "Memory: the rise of a process's resident memory (VmRSS) from before `Detector.open` to after 60 "
+                  "frames, one detector per process:", "", "| precision | off | auto | the spinning session |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {m.precision} | {m.off_mb:.1f} MB | {m.auto_mb:.1f} MB | +{m.extra_mb:.1f} MB |" for m in report.memory]
     governors = [(s, g) for s in report.summary for g in s.governor_by_round]
     if governors:
         lines += ["", "The governor in the auto rows (per round: probes won / lost, alarms, state at the end):", ""]
@@ -283,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"round {number} {key:15s} {rec.get('status')}: {rec.get('reason')}")
             record["loadavg_after"] = load_average()
             records.append(record)
+        memory = measure_memory(cached.path, args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     machine.loadavg_end = load_average()
@@ -293,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         current_commit=current_commit, bundle=str(cached.path), machine=machine, repeats=args.repeats,
         warmup=args.warmup, rounds=args.rounds,
         competitor=f"a child process running `{BUSY_LOOP}` in Python throughout, not pinned",
-        summary=summarise(records), comparisons=compare(records), records=records)
+        summary=summarise(records), comparisons=compare(records), memory=memory, records=records)
     write_json(args.out, report)
     write_text_atomic(args.markdown, markdown(report))
     for c in report.comparisons:

@@ -26,6 +26,17 @@ from latency_worker import STAGES, git_head, import_pcedge_from, percentiles, sp
 MODES = {"off": False, "on": True, "auto": "auto"}
 
 
+def rss_mb() -> float | None:
+    """This process's resident memory (VmRSS, Linux), MB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tree", type=Path, required=True, help="source tree to import pcedge from")
@@ -56,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = sorted(p for d in sorted(test.iterdir()) if d.is_dir() for p in list_images(d))
     frames = [read_image(p) for p in paths[: args.frames]]
     detectors = {}
+    record["rss_mb_before_open"] = rss_mb()  # with --modes X alone: the rise is that detector's memory
     try:
         for mode in args.modes:
             options = DetectorOptions(backend="ort-cpu", index=args.index, threads=args.threads,
@@ -92,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             mode: {"description": detector.description, "per_image_ms": percentiles(calls[mode]),
                    "stages_ms": {name: percentiles(v) for name, v in stages[mode].items()},
                    "block_medians_ms": block_medians[mode], "spin": spin_record(detector)}
-            for mode, detector in detectors.items()}, loadavg_after=list(os.getloadavg()))
+            for mode, detector in detectors.items()}, loadavg_after=list(os.getloadavg()), rss_mb_after=rss_mb())
     finally:
         for detector in detectors.values():
             detector.close()

@@ -134,9 +134,11 @@ class OrtBackend:
         if spin:
             # The spinning session (run_spinning, for a caller that owns the machine): the intra-op threads
             # busy-wait between the ops of a run and stop as soon as it returns, so the stages after it get
-            # the cores. Measured (results/latency_spinning.md, benchmarks/bench_spinning.py): quiet, FP32
-            # backbone 3.4 -> 2.7 ms, INT8 2.5 -> 1.9; with another process on one of the 2 cores a third
-            # of the runs take 3-5x longer, hence the governor ("auto", runtime/spin_governor.py).
+            # the cores. Measured (benchmarks/bench_spinning.py, results/latency_spinning.md, 2 cores):
+            # quiet, end to end FP32 7.14 -> 6.44 ms (backbone 3.60 -> 2.90), INT8 6.11 -> 5.56 (2.65 ->
+            # 2.07); with a busy process on one core the runs turn bimodal (FP32 p95 18.1 against 11.0 ms),
+            # with both cores loaded 5-10 ms slower outright: hence the governor ("auto",
+            # runtime/spin_governor.py).
             options.add_session_config_entry("session.force_spinning_stop", "1")
         # Quiet: warnings about unused initialisers etc. are not the user's concern.
         options.log_severity_level = 3

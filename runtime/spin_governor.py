@@ -3,13 +3,15 @@
 ONNX Runtime's intra-op threads can busy-wait between the ops of a run (``allow_spinning``, stopped when the
 run returns: ``force_spinning_stop``). When the detector owns the machine that saves 0.5-0.7 ms of a 2.5-3.5 ms
 backbone; when another process holds one of the cores, the spinning thread fights it for that core and the
-runs turn bimodal: most as fast as when quiet, a third 3-5x slower (measured on 2 cores with a busy process:
-FP32 p50 3.2-3.9 ms but p90 9-13 ms, against 3.9-4.1 / 4.7 without spinning), so on average spinning loses.
+runs turn bimodal: most as fast as when quiet, some 3-5x slower (results/latency_spinning.md, a busy process
+beside it: FP32 median 8.60 against 9.63 ms, but p95 18.1 against 11.0); with both cores loaded by other
+work spinning was 5-10 ms slower outright. On average it can lose either way.
 
 :class:`SpinGovernor` decides frame by frame from the frames' own wall times (the whole single-stream call,
 per image: under contention spinning also slows the stages after the backbone -- the exact index's split
-helper competes with the spinning thread; measured 2.9 -> 5.5 ms index, INT8, a busy process beside it --
-so the backbone's own time would understate its cost); nothing is read from the system:
+helper competes with the spinning thread; in an interleaved ad-hoc run at load ~3.5, INT8, a busy process
+beside it, the index took 5.5 ms after spinning runs against 2.9 -- so the backbone's own time would
+understate the cost); nothing is read from the system:
 
 - it starts with ``window`` runs of the plain (non-spinning) session, then *probes*: ``window`` spinning
   runs (lost after ``early_loss_runs`` when those are already far slower). The probe wins when its typical time (:func:`typical`: the mean, one stray run left out) is below

@@ -78,3 +78,22 @@ def test_worker_sets_the_spinning_mode_and_records_how_the_backbone_ran(tmp_path
     legacy = records["legacy"]
     assert legacy["status"] == "ran" and "force_spinning_stop" in legacy["description"]
     assert legacy["spin"]["runs"] == {"plain": 21, "spinning": 0}  # the one session, re-created spinning
+
+
+def test_spinning_worker_interleaves_the_modes_in_blocks(tmp_path, fixture_bundle):
+    """benchmarks/spinning_worker.py (bench_spinning.py's process): off / on / auto side by side in blocks,
+    each mode's frames, stages, block medians and session runs recorded."""
+    out = tmp_path / "spin.json"
+    done = subprocess.run([sys.executable, str(WORKER.parent / "spinning_worker.py"), "--tree", str(ROOT),
+                           "--bundle", str(fixture_bundle), "--data", str(BSD), "--frames", "2", "--repeats", "7",
+                           "--block", "3", "--warmup", "1", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    assert record["status"] == "ran" and set(record["modes"]) == {"off", "on", "auto"}
+    for mode, m in record["modes"].items():
+        assert m["per_image_ms"]["n"] == 7 and len(m["block_medians_ms"]) == 3  # blocks of 3, 3, 1
+        assert set(m["stages_ms"]) == {"preprocess", "backbone", "index", "scoring"}
+    assert record["modes"]["off"]["spin"]["runs"] == {"plain": 8, "spinning": 0}
+    assert record["modes"]["on"]["spin"]["runs"] == {"plain": 0, "spinning": 8}
+    assert record["modes"]["auto"]["spin"]["governor"]["plain_runs"] == 8  # measures the plain session first
+    assert record["rss_mb_after"] > record["rss_mb_before_open"] > 0
