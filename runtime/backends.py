@@ -135,10 +135,10 @@ class OrtBackend:
             # The spinning session (run_spinning, for a caller that owns the machine): the intra-op threads
             # busy-wait between the ops of a run and stop as soon as it returns, so the stages after it get
             # the cores. Measured (benchmarks/bench_spinning.py, results/latency_spinning.md, 2 cores):
-            # quiet, end to end FP32 7.14 -> 6.44 ms (backbone 3.60 -> 2.90), INT8 6.11 -> 5.56 (2.65 ->
-            # 2.07); with a busy process on one core the runs turn bimodal (FP32 p95 18.1 against 11.0 ms),
-            # with both cores loaded 5-10 ms slower outright: hence the governor ("auto",
-            # runtime/spin_governor.py).
+            # quiet, end to end FP32 7.08 -> 6.39 ms (backbone 3.57 -> 2.88), INT8 6.11 -> 5.53 (2.64 ->
+            # 2.06); with a busy process on one core the runs turn bimodal (FP32 median 8.29 against 9.36
+            # ms, p95 12.3 against 10.3); with both cores loaded by other work (an earlier row-by-row run,
+            # load 3.5-4) 5-10 ms slower outright: hence the governor ("auto", runtime/spin_governor.py).
             options.add_session_config_entry("session.force_spinning_stop", "1")
         # Quiet: warnings about unused initialisers etc. are not the user's concern.
         options.log_severity_level = 3

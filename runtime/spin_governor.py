@@ -4,8 +4,8 @@ ONNX Runtime's intra-op threads can busy-wait between the ops of a run (``allow_
 run returns: ``force_spinning_stop``). When the detector owns the machine that saves 0.5-0.7 ms of a 2.5-3.5 ms
 backbone; when another process holds one of the cores, the spinning thread fights it for that core and the
 runs turn bimodal: most as fast as when quiet, some 3-5x slower (results/latency_spinning.md, a busy process
-beside it: FP32 median 8.60 against 9.63 ms, but p95 18.1 against 11.0); with both cores loaded by other
-work spinning was 5-10 ms slower outright. On average it can lose either way.
+beside it: FP32 median 8.29 against 9.36 ms, but p95 12.3 against 10.3); with both cores loaded by other
+work (an earlier row-by-row run of bench_spinning.py, load 3.5-4) spinning was 5-10 ms slower outright.
 
 :class:`SpinGovernor` decides frame by frame from the frames' own wall times (the whole single-stream call,
 per image: under contention spinning also slows the stages after the backbone -- the exact index's split
