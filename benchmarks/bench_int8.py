@@ -285,6 +285,7 @@ class DefaultRow:
     # These scores judged by the *float32* threshold (INT8 row only): what sharing one threshold would do.
     false_alarm_rate_at_fp32_threshold: float | None = None
     detection_rate_at_fp32_threshold: float | None = None
+    image_auroc_delta_ci: list[float] | None = None  # INT8 row: int8 - fp32, paired bootstrap 95 %
     ms_per_image: float = 0.0
 
 
@@ -326,6 +327,7 @@ def default_rows(name: str, bundle_path: Path, category_root: Path, threads: int
     shared = scored[None] > fp32.threshold
     int8.false_alarm_rate_at_fp32_threshold = float(shared[~labels].mean())
     int8.detection_rate_at_fp32_threshold = float(shared[labels].mean())
+    _, int8.image_auroc_delta_ci = paired_auroc_delta(labels, scored[None], scored["fp32"])
     return rows
 
 
@@ -347,8 +349,10 @@ def default_markdown(report: DefaultReport) -> str:
         shared = (f"{r.false_alarm_rate_at_fp32_threshold:.1%} / {r.detection_rate_at_fp32_threshold:.1%}"
                   if r.false_alarm_rate_at_fp32_threshold is not None else "–")
         expected = f"{r.expected_fpr:.2%}" if r.expected_fpr is not None else "–"
+        ci = (f" (Δ 95 % CI {r.image_auroc_delta_ci[0]:+.3f}, {r.image_auroc_delta_ci[1]:+.3f})"
+              if r.image_auroc_delta_ci else "")
         lines.append(f"| {r.dataset} | {r.graph} ({r.threshold_source}) | {r.threshold:.4f} | {expected} | "
-                     f"{r.image_auroc:.4f} | {r.pixel_auroc:.4f} | {r.aupro:.4f} | {r.false_alarm_rate:.1%} of {r.n_good} | "
+                     f"{r.image_auroc:.4f}{ci} | {r.pixel_auroc:.4f} | {r.aupro:.4f} | {r.false_alarm_rate:.1%} of {r.n_good} | "
                      f"{r.detection_rate:.1%} of {r.n_defective} | {shared} |")
     lines += ["", "## Export time the INT8 thresholds add", "",
               "Out-of-fold: every training image through both INT8 graphs (ONNX Runtime CPU) and scored against its "
