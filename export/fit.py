@@ -550,7 +550,7 @@ def export_bundle(config: ExportConfig) -> ExportReport:
                 if report.shipped:
                     own = graph_threshold(scores_of[candidate.target], config.target_fpr, val_source,
                                           folds=oof.k if oof is not None else 0)
-                    if isinstance(own, str):  # cannot happen for a graph that passed the gate; refuse it if it does
+                    if isinstance(own, str):  # without its own threshold it would run at the float32 one: refuse it
                         report.shipped, report.reason = False, f"no threshold of its own: {own}"
                     else:
                         report.threshold = own
