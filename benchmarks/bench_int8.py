@@ -23,8 +23,17 @@ For BSData (all 150 training images) and DeepPCB (a seeded 200-image training su
 
 Writes ``results/int8.json`` and ``results/int8.md``.
 
+``--default`` measures what ONNX Runtime CPU now runs by default: the bundle's CPU INT8 graph at its own
+threshold (calibrated on its own out-of-fold scores) against ``--precision fp32`` (model.onnx at the float32
+threshold), both through the detector (exact index) over the whole test split: image AUROC, pixel AUROC,
+AUPRO, and at each graph's threshold the false-alarm rate on test/good and the share of defective images
+flagged; beside them the INT8 scores judged by the float32 threshold (what a shared threshold would have
+done), and the export time the INT8 thresholds add (the bundle's ``int8_out_of_fold`` seconds). Writes
+``results/int8_default.json`` and ``results/int8_default.md``.
+
     python benchmarks/bench_int8.py [--fresh] [--runs 300] [--methods minmax,entropy,percentile] [--only bsdata]
     python benchmarks/bench_int8.py --latency-only --only bsdata   # timing and profile only (~2 min)
+    python benchmarks/bench_int8.py --default [--fresh]           # INT8 default vs float32, own thresholds
 """
 
 from __future__ import annotations
@@ -256,6 +265,136 @@ def bench_dataset(report: Report, name: str, data: Path, category_root: Path, fr
     return folder
 
 
+# ------------------------------------------------------------------------------ --default: INT8 as the CPU default
+@dataclass
+class DefaultRow:
+    """One graph of one dataset through the detector, judged at the threshold the detector applies."""
+
+    dataset: str
+    graph: str  # the file that ran: model.onnx (--precision fp32) or model_int8_cpu.onnx (the default)
+    threshold: float
+    threshold_source: str  # whose threshold (ActiveThreshold.note)
+    expected_fpr: float | None  # the manifest's estimate at that threshold (from the calibration scores)
+    image_auroc: float
+    pixel_auroc: float
+    aupro: float
+    false_alarm_rate: float  # test/good images above the threshold
+    n_good: int
+    detection_rate: float  # defective test images above the threshold
+    n_defective: int
+    # These scores judged by the *float32* threshold (INT8 row only): what sharing one threshold would do.
+    false_alarm_rate_at_fp32_threshold: float | None = None
+    detection_rate_at_fp32_threshold: float | None = None
+    image_auroc_delta_ci: list[float] | None = None  # INT8 row: int8 - fp32, paired bootstrap 95 %
+    ms_per_image: float = 0.0
+
+
+@dataclass
+class DefaultReport:
+    machine: object
+    rows: list[DefaultRow] = field(default_factory=list)
+    export_seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # dataset -> the export's stages
+    export_loadavg: dict[str, list[float]] = field(default_factory=dict)  # dataset -> load average before export
+    loadavg_start: list[float] = field(default_factory=list)
+    loadavg_end: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def default_rows(name: str, bundle_path: Path, category_root: Path, threads: int) -> list[DefaultRow]:
+    """The ort-cpu default (INT8 CPU graph, its threshold) and --precision fp32 over ``category_root``'s test split."""
+    from pcedge.runtime.detector import Detector, DetectorOptions
+    from pcedge.runtime.evaluation.dataset import load_category
+
+    category = load_category(category_root)
+    rows, scored = [], {}
+    for precision in (None, "fp32"):
+        options = DetectorOptions(backend="ort-cpu", index="exact", threads=threads, precision=precision)
+        with Detector.open(bundle_path, options) as detector:
+            graph = detector.backend.graph.name
+            log(f"{name}: {graph} at threshold {detector.threshold:.4f} on {len(category.test)} test images")
+            result = score_detector(detector, category)
+            spec = detector.active_threshold.spec
+            labels = np.array([r.is_anomalous for r in result.records])
+            scores = np.array([r.score for r in result.records])
+            flagged = scores > detector.threshold
+            scored[precision] = scores
+            rows.append(DefaultRow(
+                name, graph, detector.threshold, detector.active_threshold.note, spec.expected_fpr,
+                result.metrics.image_auroc, result.metrics.pixel_auroc, result.metrics.aupro,
+                float(flagged[~labels].mean()), int((~labels).sum()), float(flagged[labels].mean()), int(labels.sum()),
+                ms_per_image=result.ms_per_image))
+    int8, fp32 = rows
+    shared = scored[None] > fp32.threshold
+    int8.false_alarm_rate_at_fp32_threshold = float(shared[~labels].mean())
+    int8.detection_rate_at_fp32_threshold = float(shared[labels].mean())
+    _, int8.image_auroc_delta_ci = paired_auroc_delta(labels, scored[None], scored["fp32"])
+    return rows
+
+
+def default_markdown(report: DefaultReport) -> str:
+    lines = [
+        "# ONNX Runtime CPU default: the INT8 CPU graph at its own threshold, against float32",
+        "",
+        "`python benchmarks/bench_int8.py --default` — each dataset exported with the defaults (out-of-fold "
+        "threshold, FPR target 1 %), then the detector (ort-cpu, exact index, 2 threads) over the whole test split: "
+        "the default (model_int8_cpu.onnx at its own threshold) and `--precision fp32` (model.onnx at the float32 "
+        f"threshold). Load average {report.loadavg_start} at the start, {report.loadavg_end} at the end "
+        f"({report.seconds / 60:.0f} min).",
+        "",
+        "| dataset | graph (threshold) | threshold | expected FPR (calibration) | image AUROC | pixel AUROC | AUPRO | "
+        "false alarms on test/good | defective flagged | INT8 scores at the float32 threshold: false alarms / flagged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.rows:
+        shared = (f"{r.false_alarm_rate_at_fp32_threshold:.1%} / {r.detection_rate_at_fp32_threshold:.1%}"
+                  if r.false_alarm_rate_at_fp32_threshold is not None else "–")
+        expected = f"{r.expected_fpr:.2%}" if r.expected_fpr is not None else "–"
+        ci = (f" (Δ 95 % CI {r.image_auroc_delta_ci[0]:+.3f}, {r.image_auroc_delta_ci[1]:+.3f})"
+              if r.image_auroc_delta_ci else "")
+        lines.append(f"| {r.dataset} | {r.graph} ({r.threshold_source}) | {r.threshold:.4f} | {expected} | "
+                     f"{r.image_auroc:.4f}{ci} | {r.pixel_auroc:.4f} | {r.aupro:.4f} | {r.false_alarm_rate:.1%} of {r.n_good} | "
+                     f"{r.detection_rate:.1%} of {r.n_defective} | {shared} |")
+    lines += ["", "## Export time the INT8 thresholds add", "",
+              "Out-of-fold: every training image through both INT8 graphs (ONNX Runtime CPU) and scored against its "
+              "fold bank (`int8_out_of_fold`), beside the whole export:", ""]
+    for name, seconds in report.export_seconds.items():
+        total = sum(seconds.values())
+        added = seconds.get("int8_out_of_fold", seconds.get("int8_held_out", 0.0))
+        lines.append(f"- **{name}**: {added:.1f} s of {total:.1f} s ({added / total:.1%}); stages: "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+                     + f"; load average before the export {report.export_loadavg.get(name)}")
+    return "\n".join(lines) + "\n"
+
+
+def main_default(args) -> int:
+    """``--default``: see the module docstring. Exports (or reuses) each dataset's default bundle."""
+    import json
+
+    from pcedge.runtime.bundle import open_bundle
+
+    started = time.perf_counter()
+    report = DefaultReport(machine=machine_info(), loadavg_start=load_average())
+    datasets = [("bsdata", BSDATA, BSDATA), ("deeppcb", subset_folder(DEEPPCB, args.pcb_train), DEEPPCB)]
+    for name, data, category_root in datasets:
+        if args.only not in (None, name):
+            continue
+        cached = cached_bundle(name, data, fresh=args.fresh)
+        if open_bundle(cached.path).manifest.model.int8_cpu.threshold is None:  # exported before INT8 thresholds
+            cached = cached_bundle(name, data, fresh=True)
+        record = json.loads((BUNDLES / f"{name}.json").read_text())
+        report.export_seconds[name] = record["export_seconds"]
+        report.export_loadavg[name] = record.get("loadavg_before")
+        report.rows += default_rows(name, cached.path, category_root, args.threads)
+        write_json(args.out, report)  # partial results survive an interrupted run
+    report.loadavg_end = load_average()
+    report.seconds = time.perf_counter() - started
+    write_json(args.out, report)
+    write_text_atomic(args.out.with_suffix(".md"), default_markdown(report))
+    print(default_markdown(report))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    return 0
+
+
 def _f(value, fmt: str = ".4f") -> str:
     return "–" if value is None else format(value, fmt)
 
@@ -313,8 +452,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("bsdata", "deeppcb"), default=None, help="one dataset only")
     parser.add_argument("--latency-only", action="store_true",
                         help="write the graphs and time them, no accuracy runs (default --out results/int8_latency.json)")
+    parser.add_argument("--default", action="store_true",
+                        help="the ort-cpu default (INT8 CPU graph, own threshold) against --precision fp32 "
+                             "(default --out results/int8_default.json)")
     parser.add_argument("--out", type=Path, default=None, help="default results/int8.json")
     args = parser.parse_args(argv)
+    if args.default:
+        args.out = args.out or RESULTS / "int8_default.json"
+        return main_default(args)
     args.out = args.out or RESULTS / ("int8_latency.json" if args.latency_only else "int8.json")
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(CALIBRATIONS))

@@ -85,7 +85,11 @@ def open_detector(args: argparse.Namespace, bundle: Path):
     from pcedge.runtime.detector import Detector, DetectorOptions
     from pcedge.runtime.errors import BackendUnavailable
 
-    precision = None if args.precision == "fp32" else args.precision
+    from pcedge.runtime import backends
+
+    # The fp32 row asks for float32 by name where ort-cpu's default is the INT8 graph (code with
+    # backends.cpu_default); older code (the baseline tree) runs float32 by default and may not know "fp32".
+    precision = args.precision if args.precision != "fp32" or hasattr(backends, "cpu_default") else None
     options = DetectorOptions(backend="ort-cpu", index=args.index, threads=args.threads, precision=precision)
     if args.blas_threads != "default":
         options.blas_threads = None if args.blas_threads == "none" else int(args.blas_threads)

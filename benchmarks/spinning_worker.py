@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for mode in args.modes:
             options = DetectorOptions(backend="ort-cpu", index=args.index, threads=args.threads,
-                                      precision=None if args.precision == "fp32" else args.precision,
+                                      precision=args.precision,  # "fp32" by name: ort-cpu may default to INT8
                                       ort_spinning=MODES[mode])
             detectors[mode] = Detector.open(args.bundle, options)
     except (BundleError, BackendUnavailable, ValueError) as exc:

@@ -1,10 +1,12 @@
 """Fit PatchCore on good images and write a verified bundle (the workstation side, end to end).
 
 Steps: list the good images -> stream them through the patch embedder into the memory bank -> greedy
-coreset (§3.2) -> out-of-fold scores of every training image (``out_of_fold.py``: k fold banks with the
-same coreset ratio) -> ONNX export with a parity check -> HNSW index over the coreset -> threshold from
-the out-of-fold scores (or from ``--val DIR`` / a held-out fraction, scored by the runtime's scorer on the
-ONNX graph) -> reference data for ``pcedge verify`` -> manifest with checksums, committed atomically.
+coreset (§3.2) -> ONNX export with a parity check, and the INT8 graphs -> out-of-fold scores of every
+training image (``out_of_fold.py``: k fold banks with the same coreset ratio), from the torch features and
+through every INT8 graph against the same fold banks -> HNSW index over the coreset -> threshold from the
+out-of-fold scores (or from ``--val DIR`` / a held-out fraction, scored by the runtime's scorer on the
+ONNX graph) -> reference data for ``pcedge verify`` -> the INT8 gates, and each shipped INT8 graph's own
+threshold from its own scores (``int8_threshold.py``) -> manifest with checksums, committed atomically.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from .embedder import DEFAULT_BORDER, PatchEmbedder
 from .fp16_graph import fp16_parity, write_fp16_graph
 from .int8_gate import DEFAULT_TOLERANCE, Float32Reference, ScoredImages, TestSplit, float32_reference, int8_report
 from .int8_graph import CALIBRATIONS, DEFAULT_CALIBRATION, DEFAULT_CALIBRATION_IMAGES, Int8Settings, write_int8_graph
+from .int8_threshold import FoldGraphScores, GraphScores, graph_threshold, held_out_graph_scores
 from .limits import MAX_TARGET_FPR, MIN_HNSW_M, MIN_REWEIGHT_B, MIN_TARGET_FPR, coreset_count_problem
 from .memory import describe_refusal, estimate_export_memory
 from .onnx_export import assert_parity, check_parity, export_onnx
@@ -237,18 +240,33 @@ def int8_calibration_images(config: ExportConfig, train_kept: list[Path]) -> np.
     return to_tensor(load_images([train_kept[i] for i in chosen], config.geometry, [])[0])
 
 
-def write_and_gate_int8(config: ExportConfig, target: str, int8_path: Path, model_path: Path, calibration: np.ndarray,
-                        good: list[ScoredImages], test: TestSplit | None, reference: Float32Reference,
-                        description: str) -> Int8Report:
-    """Write ``target``'s QDQ graph at ``int8_path`` (calibrated on ``calibration`` ``[n, 3, H, W]``) and gate it
-    against the float32 graph's ``reference`` on ``good`` (and ``test``, for the image AUROC change)."""
+@dataclass
+class Int8Candidate:
+    """An INT8 graph written into the bundle and not yet gated."""
+
+    target: str  # "tensorrt" | "cpu"
+    path: Path
+    settings: Int8Settings
+    float_convs: int  # convolutions left float
+
+
+def write_int8_candidate(config: ExportConfig, target: str, int8_path: Path, model_path: Path,
+                         calibration: np.ndarray) -> Int8Candidate:
+    """Write ``target``'s QDQ graph at ``int8_path``, calibrated on ``calibration`` ``[n, 3, H, W]``."""
     settings = Int8Settings(calibration=config.int8_calibration, n_images=calibration.shape[0], target=target)
     float_convs = write_int8_graph(model_path, int8_path, calibration, settings)
-    report = int8_report(int8_path, reference, good, test, description, config.int8_tolerance,
+    return Int8Candidate(target, int8_path, settings, float_convs)
+
+
+def gate_int8_candidate(config: ExportConfig, candidate: Int8Candidate, good: list[ScoredImages],
+                        test: TestSplit | None, reference: Float32Reference, description: str) -> Int8Report:
+    """Gate ``candidate`` against the float32 graph's ``reference`` on ``good`` (and ``test``, for the image
+    AUROC change)."""
+    report = int8_report(candidate.path, reference, good, test, description, config.int8_tolerance,
                          threads=config.threads, batch=config.batch_size)
-    report.target = target
-    report.calibration, report.n_calibration_images = settings.calibration, settings.n_images
-    report.quantised_ops, report.float_convs = list(settings.recipe.ops), float_convs
+    report.target = candidate.target
+    report.calibration, report.n_calibration_images = candidate.settings.calibration, candidate.settings.n_images
+    report.quantised_ops, report.float_convs = list(candidate.settings.recipe.ops), candidate.float_convs
     return report
 
 
@@ -391,16 +409,6 @@ def export_bundle(config: ExportConfig) -> ExportReport:
     n_total = features.shape[0]
     scoring = ScoringSpec(reweight=config.reweight, reweight_b=config.reweight_b)
 
-    oof = None
-    if not val_paths:
-        # Every training image scored by a bank without it (torch features: the ONNX graph's parity with
-        # them is checked below to 1e-3 relative error).
-        t = time.perf_counter()
-        oof = out_of_fold_scores(features, len(train_kept), config.folds, config.coreset, scoring,
-                                 projection_dim=config.coreset_projection_dim, seed=config.seed)
-        seconds["out_of_fold"] = time.perf_counter() - t
-    del features
-
     with BundleWriter(config.output, force=config.force) as writer:
         # ---- the graph, and its parity with torch on real images
         t = time.perf_counter()
@@ -422,6 +430,35 @@ def export_bundle(config: ExportConfig) -> ExportReport:
         write_fp16_graph(model_path, writer.path(MODEL_FP16_FILE))
         parity16 = fp16_parity(model_path, writer.path(MODEL_FP16_FILE), parity_inputs)
         seconds["onnx"] = time.perf_counter() - t
+
+        # ---- the INT8 graphs, written now and gated below: the threshold calibration scores its images
+        # with each of them too (every graph gets its own threshold, export/int8_threshold.py)
+        candidates: list[Int8Candidate] = []
+        if config.int8:
+            t = time.perf_counter()
+            calibration = int8_calibration_images(config, train_kept)
+            candidates = [write_int8_candidate(config, target, writer.path(file), model_path, calibration)
+                          for target, file in INT8_FILES.items()]
+            del calibration
+            seconds["int8_write"] = time.perf_counter() - t
+
+        oof = None
+        int8_scores: list[GraphScores] = []
+        if not val_paths:
+            # Every training image scored by a bank without it (torch features: the ONNX graph's parity with
+            # them is checked above to 1e-3 relative error), and through every INT8 graph against the same
+            # fold bank.
+            t = time.perf_counter()
+            graphs = {c.target: c.path for c in candidates}
+            with FoldGraphScores(graphs, train_kept, geometry, config.threads, config.batch_size) as fold_scores:
+                oof = out_of_fold_scores(features, len(train_kept), config.folds, config.coreset, scoring,
+                                         projection_dim=config.coreset_projection_dim, seed=config.seed,
+                                         on_fold=fold_scores if graphs else None)
+            int8_scores = fold_scores.graphs
+            seconds["out_of_fold"] = time.perf_counter() - t - fold_scores.seconds
+            if graphs:
+                seconds["int8_out_of_fold"] = fold_scores.seconds
+        del features
 
         # ---- the index over the coreset
         t = time.perf_counter()
@@ -456,6 +493,11 @@ def export_bundle(config: ExportConfig) -> ExportReport:
         if not (np.isfinite(threshold.value) and threshold.value > 0):
             raise ValueError(f"threshold {threshold.value!r} is not a positive finite number; the bundle is not written")
         seconds["threshold"] = time.perf_counter() - t
+        if oof is None and candidates:
+            t = time.perf_counter()
+            int8_scores = held_out_graph_scores({c.target: c.path for c in candidates}, to_tensor(val_images), scorer,
+                                                config.threads, config.batch_size)
+            seconds["int8_held_out"] = time.perf_counter() - t
 
         # ---- can this input size see small defects? (synthetic defects in images the bank has not seen)
         detectability = None
@@ -488,7 +530,7 @@ def export_bundle(config: ExportConfig) -> ExportReport:
 
         # ---- the INT8 graphs, each kept only when it does not move the good images' scores (the gate)
         int8: dict[str, Int8Report] = {}  # target -> its gate figures
-        if config.int8:
+        if candidates:
             t = time.perf_counter()
             if oof is not None:
                 held = ScoredImages(to_tensor(load_images([train_kept[i] for i in oof.last_fold], geometry, [])[0]),
@@ -498,19 +540,26 @@ def export_bundle(config: ExportConfig) -> ExportReport:
                 held = ScoredImages(to_tensor(val_images), scorer)
                 held_source = f"{held.images.shape[0]} held-out images ({val_source})"
             good = [held, ScoredImages(check_tensor, scorer)]
-            calibration = int8_calibration_images(config, train_kept)
             # The test split is loaded, and the float32 graph run over the gate's images, once for both targets.
             test = _test_split(config, scorer)
             reference = float32_reference(model_path, good, test, threads=config.threads, batch=config.batch_size)
-            for target, file in INT8_FILES.items():
-                report = write_and_gate_int8(config, target, writer.path(file), model_path, calibration, good, test,
-                                             reference, f"{held_source} and {check_tensor.shape[0]} check images")
+            scores_of = {g.target: g for g in int8_scores}
+            for candidate in candidates:
+                report = gate_int8_candidate(config, candidate, good, test, reference,
+                                             f"{held_source} and {check_tensor.shape[0]} check images")
+                if report.shipped:
+                    own = graph_threshold(scores_of[candidate.target], config.target_fpr, val_source,
+                                          folds=oof.k if oof is not None else 0)
+                    if isinstance(own, str):  # without its own threshold it would run at the float32 one: refuse it
+                        report.shipped, report.reason = False, f"no threshold of its own: {own}"
+                    else:
+                        report.threshold = own
                 if not report.shipped:
-                    writer.path(file).unlink()  # refused: the bundle holds no such graph
-                    log.warning("INT8 graph %s not shipped: %s", file, report.reason)
-                int8[target] = report
-            del calibration, test, reference
-            seconds["int8"] = time.perf_counter() - t
+                    candidate.path.unlink()  # refused: the bundle holds no such graph
+                    log.warning("INT8 graph %s not shipped: %s", candidate.path.name, report.reason)
+                int8[candidate.target] = report
+            del test, reference
+            seconds["int8_gate"] = time.perf_counter() - t
 
         manifest = Manifest(
             exporter=_versions(),

@@ -69,13 +69,14 @@ def _embed(backend: OrtBackend, images: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([backend(images[start : start + batch]) for start in range(0, images.shape[0], batch)])
 
 
-def _image_scores(scorer: Scorer, embeddings: np.ndarray) -> list[float]:
+def image_scores(scorer: Scorer, embeddings: np.ndarray) -> list[float]:
+    """Image scores of ``embeddings [b, h*w, D]`` against ``scorer``'s bank (Eq. 6-7)."""
     return [scorer.image_score(embeddings[b], p).score for b, p in enumerate(scorer.patch_scores(embeddings))]
 
 
 def _test_scores(backend: OrtBackend, test: TestSplit) -> np.ndarray:
     """Image scores ``[n_test]`` of the test split (its embeddings are not kept: a large split's would not fit)."""
-    return np.array([s for batch in test.batches for s in _image_scores(test.scorer, backend(batch))])
+    return np.array([s for batch in test.batches for s in image_scores(test.scorer, backend(batch))])
 
 
 def float32_reference(fp32_path: str | os.PathLike[str], good: list[ScoredImages], test: TestSplit | None,
@@ -85,7 +86,7 @@ def float32_reference(fp32_path: str | os.PathLike[str], good: list[ScoredImages
     backend = OrtBackend(Path(fp32_path), "ort-cpu", threads)
     try:
         embeddings = [_embed(backend, s.images, batch) for s in good]
-        scores = [np.array(_image_scores(s.scorer, e)) for s, e in zip(good, embeddings)]
+        scores = [np.array(image_scores(s.scorer, e)) for s, e in zip(good, embeddings)]
         return Float32Reference(embeddings, np.concatenate(scores) if scores else np.zeros(0),
                                 _test_scores(backend, test) if test is not None else None)
     finally:
@@ -105,7 +106,7 @@ def int8_report(int8_path: str | os.PathLike[str], reference: Float32Reference, 
     backend = OrtBackend(Path(int8_path), "ort-cpu", threads, precision="int8")
     try:
         embeddings = [_embed(backend, s.images, batch) for s in good]
-        int8 = np.concatenate([np.array(_image_scores(s.scorer, e)) for s, e in zip(good, embeddings)])
+        int8 = np.concatenate([np.array(image_scores(s.scorer, e)) for s, e in zip(good, embeddings)])
         cos = np.concatenate([cosines(e32, e8) for e32, e8 in zip(reference.good_embeddings, embeddings)])
         test_int8 = _test_scores(backend, test) if test is not None else None
     finally:

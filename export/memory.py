@@ -54,9 +54,10 @@ class MemoryEstimate:
     @property
     def total_bytes(self) -> int:
         # The phases follow each other: building the bank (one copy, growing; a batch in flight), assembling
-        # and selecting it, then calibrating (the full bank is gone by then).
+        # and selecting it, then exporting the graphs and calibrating. The bank's features are still held
+        # while the graphs are exported: the out-of-fold scores need them and every graph (INT8 too).
         return max(self.bank_peak_bytes, self.bank_bytes + self.activation_bytes + self.input_bytes,
-                   self.threshold_bytes)
+                   self.bank_bytes + self.threshold_bytes)
 
     @property
     def fits(self) -> bool:

@@ -14,6 +14,7 @@ fewer false alarms than estimated.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -48,12 +49,20 @@ def fold_assignment(n_images: int, k: int, seed: int = 0) -> np.ndarray:
     return folds
 
 
+#: ``on_fold(image_ids [m], scorer)``: called once per fold with that fold's image indices and the scorer of
+#: the bank built without them, so another graph's embeddings of the same images can be scored against the
+#: same fold bank (export/int8_threshold.py) without selecting the fold coresets again.
+FoldCallback = Callable[[np.ndarray, Scorer], None]
+
+
 def out_of_fold_scores(features: np.ndarray, n_images: int, k: int, coreset: float | int, scoring: ScoringSpec,
-                       projection_dim: int = 128, seed: int = 0, batch: int = 8) -> OutOfFold:
+                       projection_dim: int = 128, seed: int = 0, batch: int = 8,
+                       on_fold: FoldCallback | None = None) -> OutOfFold:
     """Score every image of ``features [n_images * h*w, D]`` (image-major rows) against the other folds.
 
     ``coreset`` is the final bank's ratio or count; a count is scaled to the fold bank's size, so that each
-    fold keeps the same fraction of its features as the final bank keeps of all.
+    fold keeps the same fraction of its features as the final bank keeps of all. ``on_fold`` (optional) is
+    called after each fold's images are scored (:data:`FoldCallback`).
     """
     if features.ndim != 2 or features.shape[0] % n_images:
         raise ValueError(f"features {list(features.shape)} are not {n_images} images of equal patch count")
@@ -82,4 +91,6 @@ def out_of_fold_scores(features: np.ndarray, n_images: int, k: int, coreset: flo
             emb = np.ascontiguousarray(by_image[ids], dtype=np.float32)  # [b, h*w, D]
             for i, patches in zip(ids, scorer.patch_scores(emb)):
                 scores[i] = scorer.image_score(by_image[i], patches).score
+        if on_fold is not None:
+            on_fold(inside, scorer)
     return OutOfFold(scores=scores, folds=folds, k=k, last_scorer=scorer, last_fold=inside)

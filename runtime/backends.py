@@ -34,6 +34,8 @@ _ORT_PROVIDER = {
 class Backend(Protocol):
     name: str
     description: str
+    graph: Path  # the file it runs: an ONNX graph of the bundle (or elsewhere), or a TensorRT plan
+    precision: str  # what that graph computes in: "fp32", "fp16" or "int8"
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """``[B, 3, H, W]`` float32 -> ``[B, h*w, D]`` float32."""
@@ -89,6 +91,7 @@ class OrtBackend:
         self.max_batch = max_batch
         self.precision = precision
         self.runs = RunCounts()
+        self.graph = Path(model_path)  # which graph runs decides which threshold applies (runtime/thresholds.py)
         provider = _ORT_PROVIDER[kind]
         if provider not in ort.get_available_providers():
             hint = "install onnxruntime-gpu: pip install 'pcedge[gpu]' (see README, GPU)" if kind != "ort-cpu" else ""
@@ -265,6 +268,35 @@ def int8_graph(bundle: Bundle, kind: str) -> tuple[Path | None, Int8Report | Non
     return bundle.int8_model_path, bundle.manifest.model.int8
 
 
+@dataclass
+class CpuDefault:
+    """What ONNX Runtime CPU runs without ``--precision``: ``graph`` (the CPU INT8 graph, or None for
+    float32) and ``reason`` (one clause, for ``info`` and the detector's description)."""
+
+    graph: Path | None
+    reason: str
+
+
+def cpu_default(bundle: Bundle) -> CpuDefault:
+    """The CPU INT8 graph when the bundle ships it (its gate passed) with a threshold of its own, else float32.
+
+    INT8 is the faster CPU graph and measured no less accurate (results/int8.md, int8_default.md); its own
+    threshold keeps the false-alarm rate the float32 one was calibrated for. ``--precision fp32`` (or
+    ``DetectorOptions(precision="fp32")``) runs float32 whatever the bundle holds.
+    """
+    report, path = bundle.manifest.model.int8_cpu, bundle.int8_cpu_model_path
+    if report is None:
+        return CpuDefault(None, "float32: the bundle has no ONNX Runtime CPU INT8 graph (exported before pcedge "
+                                "wrote one, or with --no-int8)")
+    if path is None or not path.is_file():
+        return CpuDefault(None, f"float32: the export's gate refused the CPU INT8 graph ({report.reason})")
+    if report.threshold is None:
+        return CpuDefault(None, f"float32: {path.name} has no threshold of its own (exported before pcedge "
+                                "calibrated one; re-export, or --precision int8 runs it at the float32 threshold)")
+    return CpuDefault(path, "INT8, the ort-cpu default: its gate passed and it has its own threshold "
+                            "(--precision fp32 runs model.onnx)")
+
+
 def int8_graph_problem(bundle: Bundle, kind: str | None = None) -> str | None:
     """Why backend ``kind`` has no INT8 graph to run in ``bundle`` (one sentence naming the bundle), or None.
 
@@ -304,7 +336,9 @@ def _open_one(kind: str, bundle: Bundle, threads: int | None, precision: str | N
         problem = None if graph is not None and graph.is_file() else int8_graph_problem(bundle, kind)
         if problem is not None:
             raise BackendUnavailable(f"{kind}: int8 requested, but {problem}")
-        return OrtBackend(graph, kind, threads, precision="int8", spinning=spinning)
+        backend = OrtBackend(graph, kind, threads, precision="int8", spinning=spinning)
+        backend.description += f"; {graph.name}: INT8 (--precision int8)"
+        return backend
     if kind == "ort-trt":
         from .tensorrt.ort_provider import ort_trt_cache_dir, ort_trt_provider_options
 
@@ -319,6 +353,16 @@ def _open_one(kind: str, bundle: Bundle, threads: int | None, precision: str | N
             raise BackendUnavailable(f"ort-cuda: fp16 requested, but {bundle.root} has no float16 graph "
                                      "(re-export the bundle with this pcedge, or use --precision fp32)")
         return OrtBackend(fp16_graph, kind, threads, precision="fp16", spinning=spinning)
+    if kind == "ort-cpu":
+        asked = {"fp32": "float32 (--precision fp32)",
+                 "fp16": "float32 (ONNX Runtime CPU runs no float16 graph; --precision fp16 is for GPUs)"}
+        default = cpu_default(bundle) if precision is None else CpuDefault(None, asked[precision])
+        if default.graph is not None:
+            backend = OrtBackend(default.graph, kind, threads, precision="int8", spinning=spinning)
+        else:
+            backend = OrtBackend(bundle.model_path, kind, threads, spinning=spinning)
+        backend.description += f"; {backend.graph.name}: {default.reason}"
+        return backend
     return OrtBackend(bundle.model_path, kind, threads, spinning=spinning)
 
 
@@ -370,8 +414,9 @@ def open_backend(kind: str, bundle: Bundle, threads: int | None = None, precisio
         # the native TensorRT engine, built once with `pcedge build-engine`, is the fast path.
         backend = None
         try:
-            # int8 is asked of every candidate (never a silent float32 fallback); fp16 of TensorRT only.
-            wanted = precision if candidate == "tensorrt" or precision == "int8" else None
+            # int8 is asked of every candidate (never a silent float32 fallback); fp16 of TensorRT only;
+            # ort-cpu sees every choice (without one it runs its INT8 default, with fp32/fp16 float32).
+            wanted = precision if candidate in ("tensorrt", "ort-cpu") or precision == "int8" else None
             backend = _open_one(candidate, bundle, threads, wanted, spinning)
             _warm_up(backend, bundle)
         except Exception as exc:  # anything a broken accelerator raises: move on, say why in one line

@@ -149,6 +149,11 @@ class Int8Report:
     tolerance: float = 0.02  # on score_rel_error_median
     shipped: bool = False
     reason: str = ""
+    # This graph's own image-score threshold, calibrated exactly as ``Manifest.threshold`` is but on the
+    # scores this graph gives the same good images (export/int8_threshold.py): INT8 moves image scores, so
+    # the float32 threshold would shift the false-alarm rate. None in bundles written before it existed
+    # and for a graph the gate refused; ONNX Runtime CPU runs its INT8 graph by default only with one.
+    threshold: ThresholdSpec | None = None
 
     def summary(self) -> str:
         """One line for ``info`` and ``export``: the verdict and the figures it rests on."""

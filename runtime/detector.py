@@ -25,6 +25,7 @@ from .index import PrunedExactIndex, make_index
 from .preprocess import InputBuffers, Placement, read_image
 from .scoring import Scorer, normalise
 from .spin_governor import SpinChoice
+from .thresholds import active_threshold
 
 ImageInput = "str | os.PathLike[str] | np.ndarray"
 
@@ -87,10 +88,12 @@ class DetectorOptions:
     backend: str = "auto"  # see runtime.backends.BACKENDS
     index: str = "auto"  # auto | exact | hnsw
     ef: int | None = None  # HNSW query ef (None: the bundle's default)
-    threshold: float | None = None  # overrides the bundle's calibrated threshold
+    threshold: float | None = None  # overrides the calibrated threshold of the graph that runs
     threads: int | None = None  # CPU threads for the backend and the index (None: all available)
     rescore: bool = True  # exact re-scoring of the decisive patches after HNSW
-    precision: str | None = None  # TensorRT engine precision to prefer; "int8" runs the INT8 graph on any backend
+    # TensorRT engine precision to prefer; "int8" runs the INT8 graph on any backend; "fp32" forces float32 on
+    # ONNX Runtime CPU, whose default (None) is its INT8 graph when the bundle ships one with its own threshold.
+    precision: str | None = None
     verify_checksums: bool = True
     # An Ed25519 public key (PEM file) the bundle must be signed with (`pcedge sign`); None: signatures
     # are not required. When set, unsigned or wrongly signed bundles are refused and checksums always checked.
@@ -130,7 +133,9 @@ class Detector:
         self.scorer = Scorer(self.bank, self.index, self.exact, self.manifest.scoring, rescore=options.rescore)
         self.geometry = self.manifest.input.geometry
         self.grid = (self.manifest.output.grid_h, self.manifest.output.grid_w)
-        spec = self.manifest.threshold
+        # The threshold calibrated on the scores of the graph the backend runs (INT8 graphs have their own).
+        self.active_threshold = active_threshold(bundle, backend)
+        spec = self.active_threshold.spec
         self.threshold = float(options.threshold if options.threshold is not None else spec.value)
         self.scale = float(spec.scale) if spec.scale > 0 else 1.0
         # Network-input memory reused from frame to frame, one set per thread that calls run_frames (the
@@ -160,7 +165,8 @@ class Detector:
     @classmethod
     def open_scoring(cls, bundle_path: str | os.PathLike[str], options: DetectorOptions | None = None) -> "Detector":
         """Open a bundle for :meth:`score_embeddings` only: no backend, the embeddings come from elsewhere
-        (a Triton embedder model). :meth:`embed` and the methods that call it are unavailable."""
+        (a Triton embedder model, which serves the float32 graph: the float32 threshold applies). :meth:`embed`
+        and the methods that call it are unavailable."""
         options = options or DetectorOptions()
         return cls(open_bundle(bundle_path, verify=options.verify_checksums), None, options)
 
@@ -172,7 +178,8 @@ class Detector:
     @property
     def description(self) -> str:
         backend = self.backend.description if self.backend is not None else "none (scoring only)"
-        return f"backend {backend}; index {self.index.kind} ({self.index.note})"
+        which = "--threshold" if self.options.threshold is not None else self.active_threshold.note
+        return f"backend {backend}; threshold {self.threshold:.5g} ({which}); index {self.index.kind} ({self.index.note})"
 
     # ------------------------------------------------------------------ running
     def __call__(self, image: ImageInput) -> Result:

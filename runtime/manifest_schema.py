@@ -220,13 +220,17 @@ def check_ranges(m: Any, source: str, schema_version: int, fmt: str, manifest_na
         raise fail("scoring.blur_sigma", f"must be > 0, got {s.blur_sigma}")
     if s.blur_reference_size < 1:
         raise fail("scoring.blur_reference_size", f"must be >= 1, got {s.blur_reference_size}")
-    t = m.threshold
-    if not t.value > 0:
-        raise fail("threshold.value", f"must be a positive finite number, got {t.value}")
-    if not t.scale > 0:
-        raise fail("threshold.scale", f"must be > 0, got {t.scale}")
-    if not 0 < t.target_fpr < 1:
-        raise fail("threshold.target_fpr", f"must be in (0, 1), got {t.target_fpr}")
+    thresholds = [("threshold", m.threshold)]  # the float32 graph's, and each INT8 graph's own
+    thresholds += [(f"model.{name}.threshold", report.threshold)
+                   for name, report in (("int8", model.int8), ("int8_cpu", model.int8_cpu))
+                   if report is not None and report.threshold is not None]
+    for where, t in thresholds:
+        if not t.value > 0:
+            raise fail(f"{where}.value", f"must be a positive finite number, got {t.value}")
+        if not t.scale > 0:
+            raise fail(f"{where}.scale", f"must be > 0, got {t.scale}")
+        if not 0 < t.target_fpr < 1:
+            raise fail(f"{where}.target_fpr", f"must be in (0, 1), got {t.target_fpr}")
 
     # ---- every path confined to the bundle, every file the runtime reads listed ------------------
     for rel, entry in m.files.items():

@@ -14,11 +14,12 @@ from typing import Callable
 import numpy as np
 
 from .backends import Backend, int8_graph, open_backend
-from .bundle import BundleError, open_bundle
+from .bundle import MODEL_FILE, BundleError, open_bundle
 from .errors import BackendUnavailable
 from .hnsw_format import HnswFormatError, validate_hnsw_file
 from .index import ExactIndex, make_index
 from .scoring import Scorer
+from .thresholds import active_threshold
 
 
 #: FP32 engines must reproduce the workstation's embeddings to this relative error (max |diff| / max |ref|).
@@ -49,12 +50,12 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
-def _threshold_check(value) -> Check:
+def _threshold_check(value, name: str = "threshold", whose: str = "") -> Check:
     """The threshold must be a positive finite number: at 0 every image but a perfect copy is anomalous, and
     NaN makes every verdict "good" (``score > NaN`` is False)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    detail = f"{value:.6g} (a positive finite number)" if ok else f"{value!r} is not a positive finite number"
-    return Check("threshold", ok, detail)
+    detail = f"{value:.6g} (a positive finite number{whose})" if ok else f"{value!r} is not a positive finite number"
+    return Check(name, ok, detail)
 
 
 def _spread_check(scores: np.ndarray, bank_rows: int, scoring) -> Check:
@@ -135,6 +136,9 @@ def run_checks(bundle_path: str, backend_kind: str, threads: int | None, precisi
         checks.append(Check(f"backend {backend_kind}", False, f"{bundle.model_path}: cannot be loaded ({type(exc).__name__}: {exc})"))
         return checks, ""
     description = backend.description
+    active = active_threshold(bundle, backend)
+    if active.graph != MODEL_FILE:  # the graph that runs has its own threshold: it is the one applied
+        checks.append(_threshold_check(active.spec.value, "threshold (int8)", f"; {active.note}"))
     if on_open is not None:
         on_open(backend)
     try:

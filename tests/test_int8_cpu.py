@@ -97,7 +97,7 @@ def test_ort_cpu_chooses_the_cpu_graph_and_other_backends_the_symmetric_one(int8
     with Detector.open(int8_bundle, DetectorOptions(backend="ort-cpu", threads=2, precision="int8")) as detector:
         frame = np.ascontiguousarray((images[0].transpose(1, 2, 0) * 255).astype(np.uint8))
         result = detector(frame)
-    with Detector.open(int8_bundle, DetectorOptions(backend="ort-cpu", threads=2)) as fp32:
+    with Detector.open(int8_bundle, DetectorOptions(backend="ort-cpu", threads=2, precision="fp32")) as fp32:
         reference = fp32(frame)
     assert result.anomaly_map.shape == reference.anomaly_map.shape
     assert abs(result.score - reference.score) <= 0.5 * abs(reference.score)  # the gate's tolerance here

@@ -69,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=THREADS, default=None, help="CPU threads (default: all available)")
     parser.add_argument("--ef", type=EF, default=None, help="HNSW query ef (default: the bundle's)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
-                        help="TensorRT engine precision; int8 also runs the INT8 graph on the ONNX Runtime backends")
+                        help="TensorRT engine precision; int8 also runs the INT8 graph on the ONNX Runtime backends; "
+                             "fp32 forces float32 on ort-cpu (whose default is the bundle's CPU INT8 graph when it "
+                             "has its own threshold)")
     parser.add_argument("--no-peak", action="store_true", help="skip measuring this machine's peak FLOP/s and bandwidth")
     parser.add_argument("--target", type=parse_target, action="append", default=None, metavar="DEVICE",
                         help=f"also print an estimate ON PAPER of the per-stage latency on a Jetson ({', '.join(TARGETS)}; "

@@ -74,7 +74,9 @@ def add_detector_arguments(parser: argparse.ArgumentParser, index: bool = True) 
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
                         help="TensorRT engine precision to prefer; with --backend ort-cuda, fp16 runs the bundle's "
                              "float16 graph (model_fp16.onnx); int8 runs its INT8 graph: model_int8_cpu.onnx on ort-cpu "
-                             "(model_int8.onnx in older bundles), model_int8.onnx on ort-cuda, an INT8 engine on tensorrt")
+                             "(model_int8.onnx in older bundles), model_int8.onnx on ort-cuda, an INT8 engine on tensorrt. "
+                             "Default on ort-cpu: model_int8_cpu.onnx when the bundle ships it with its own threshold, "
+                             "else float32; fp32 forces float32 (model.onnx)")
     parser.add_argument("--trust", metavar="PUBKEY", default=None,
                         help="refuse the bundle unless it is signed by this Ed25519 public key (see `pcedge sign`)")
     parser.add_argument("--verbose", action="store_true",

@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--b", type=int_at_least("--b", MIN_REWEIGHT_B, " (with b = 1 every Eq. 7 score is 0)"),
                         default=ScoringSpec().reweight_b, help="Eq. 7 support neighbours |N_b(m*)| (default 9, at least 2)")
     parser.add_argument("--no-int8", action="store_true",
-                        help="write no INT8 graph (model_int8.onnx) and skip its parity gate")
+                        help="write no INT8 graph (model_int8.onnx, model_int8_cpu.onnx) and skip their gates and "
+                             "thresholds: ONNX Runtime CPU then runs float32 by default")
     parser.add_argument("--int8-calibration", choices=("minmax", "entropy", "percentile"), default=None,
                         help="how the INT8 activation ranges are read from the calibration images (default "
                              "percentile; measurements in the README, 'INT8')")
@@ -195,10 +196,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"  ONNX parity vs torch: max rel error {m.model.parity.max_rel_error:.2e}, min cosine {m.model.parity.min_cosine:.6f}")
     print(f"  threshold {m.threshold.value:.4f} ({m.threshold.method})")
     print(f"  {m.threshold.false_alarm_summary()}")
-    if m.model.int8 is not None:
-        print(f"  INT8 graph {m.model.int8.summary()}")
-    if m.model.int8_cpu is not None:
-        print(f"  INT8 CPU graph {m.model.int8_cpu.summary()}")
+    for title, gate in (("INT8 graph", m.model.int8), ("INT8 CPU graph", m.model.int8_cpu)):
+        if gate is None:
+            continue
+        print(f"  {title} {gate.summary()}")
+        if gate.threshold is not None:  # its own, from its own scores of the same images
+            print(f"    its threshold {gate.threshold.value:.4f}; {gate.threshold.false_alarm_summary()}")
+    if m.model.int8_cpu is not None and m.model.int8_cpu.threshold is not None:
+        print("  ONNX Runtime CPU runs the INT8 CPU graph by default (at its own threshold); --precision fp32 for float32")
     if m.detectability is not None:
         print(f"  {m.detectability.summary()}")
         if m.detectability.warning:

@@ -7,7 +7,8 @@ import math
 import sys
 
 from pcedge.commands.common import q
-from pcedge.runtime.bundle import BundleError, open_bundle
+from pcedge.runtime.backends import cpu_default
+from pcedge.runtime.bundle import BundleError, Int8Report, open_bundle
 
 HELP = "show what a bundle holds (model, memory bank, index, threshold, engines, files)"
 
@@ -16,6 +17,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory (NAME.pcedge)")
     parser.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     parser.add_argument("--json", action="store_true", help="print the raw manifest")
+
+
+def _int8_thresholds(model) -> list[str]:
+    """One line per shipped INT8 graph with its own threshold (calibrated on its scores), then its FPR estimate."""
+    lines = []
+    reports: list[tuple[str | None, Int8Report | None]] = [(model.int8_file, model.int8),
+                                                           (model.int8_cpu_file, model.int8_cpu)]
+    for file, report in reports:
+        if file is None or report is None or report.threshold is None:
+            continue
+        t = report.threshold
+        lines += [f"threshold   {t.value:.5f} for FPR {t.target_fpr:g} when {file} runs (its own: {t.method}; scale {t.scale:.5f})",
+                  f"            {t.false_alarm_summary()}"]
+    return lines
+
+
+def _cpu_default_line(bundle) -> str:
+    """Which graph ONNX Runtime CPU runs without --precision, why, and at which threshold."""
+    default = cpu_default(bundle)
+    m = bundle.manifest
+    if default.graph is None:
+        return f"ort-cpu     runs {m.model.file} by default, {default.reason}; threshold {m.threshold.value:.5f}"
+    return (f"ort-cpu     runs {default.graph.name} by default, {default.reason}; threshold "
+            f"{m.model.int8_cpu.threshold.value:.5f}. TensorRT and ORT CUDA run float32/float16 at "
+            f"{m.threshold.value:.5f} unless asked for int8")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         + ("" if math.isfinite(t.value) and t.value > 0 else
            "  (NOT USABLE: not a positive finite number; `pcedge verify` fails this bundle)"),
         f"            {t.false_alarm_summary()}",
+        *_int8_thresholds(m.model),
+        _cpu_default_line(bundle),
         "detect      " + (m.detectability.summary() + (f"\n            WARNING: {m.detectability.warning}"
                                                       if m.detectability.warning else "")
                              if m.detectability is not None else "not measured (exported without the check)"),

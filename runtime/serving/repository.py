@@ -238,6 +238,7 @@ def client_parameters(name: str, bundle: Bundle) -> dict:
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
         "input": INPUT, "geometry": dataclasses.asdict(manifest.input.geometry),
         "grid": [manifest.output.grid_h, manifest.output.grid_w],
+        # The float32 graph's threshold: the repository serves float32 (or float16) embeddings, never INT8.
         "threshold": manifest.threshold.value, "scale": manifest.threshold.scale,
         "backbone": manifest.model.backbone, "memory_bank": manifest.memory_bank.n,
     }
@@ -273,7 +274,8 @@ def _model_py(role: str, cls: str, name: str) -> str:
 
 def _engine_file(bundle: Bundle, options: RepositoryOptions, max_batch: int) -> Path:
     """The TensorRT plan to serve: one the bundle holds, built on the serving GPU (``pcedge build-engine``)."""
-    engines = list(bundle.manifest.engines)
+    # INT8 plans are never served: the repository's scorer applies the float32 threshold (client_parameters).
+    engines = [e for e in bundle.manifest.engines if e.precision != "int8"]
     if options.precision:
         engines = [e for e in engines if e.precision == options.precision]
     if not engines:

@@ -38,6 +38,7 @@ class TensorRTBackend:
                  output_name: str = "embeddings", precision: str | None = None, *,
                  zero_copy: bool = False, allow_host_code: bool = False):
         self.plan_path = Path(plan_path)
+        self.graph = self.plan_path  # the Backend protocol's name for the file that runs
         self.input_name, self.output_name = input_name, output_name
         self.precision = precision or precision_from_filename(self.plan_path) or "unknown"
         self.zero_copy = bool(zero_copy)
