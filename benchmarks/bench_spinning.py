@@ -94,8 +94,10 @@ class Comparison:
     condition: str
     precision: str
     what: str  # e.g. "auto - on"
-    paired_delta_ms: float  # median over rounds of (a - b) in the same round, end to end
+    paired_delta_ms: float  # median over rounds of the block-paired difference (a - b), end to end
     deltas_by_round: list[float]
+    median_delta_ms: float  # median over rounds of (a's median - b's median) in the same process
+    median_deltas_by_round: list[float]
     noise_ms: float  # median absolute deviation of the reference row's medians over rounds
     target: str
     met: bool
@@ -221,23 +223,27 @@ def compare(records: list[dict]) -> list[Comparison]:
         if not ran:
             continue
         for i, (a, b) in enumerate(COMPARISONS[condition]):
-            by_round = []
+            by_round, medians_by_round = [], []
             for rec in ran:
                 blocks_a, blocks_b = rec["modes"][a]["block_medians_ms"], rec["modes"][b]["block_medians_ms"]
                 by_round.append(statistics.median([x - y for x, y in zip(blocks_a, blocks_b)]))
+                medians_by_round.append(rec["modes"][a]["per_image_ms"]["p50"] - rec["modes"][b]["per_image_ms"]["p50"])
+            median_delta = statistics.median(medians_by_round)
             reference = [rec["modes"][b]["per_image_ms"]["p50"] for rec in ran]
             centre = statistics.median(reference)
             # The reference mode's spread between rounds: how much the machine moved a median here.
             noise = statistics.median([abs(v - centre) for v in reference]) if len(reference) > 1 else 0.0
             delta = statistics.median(by_round)
+            worst = max(delta, median_delta)  # met only if both ways of pairing agree
             if i > 0:
                 target, met = "for scale", True
             elif condition == "quiet":
-                target, met = f"auto within {QUIET_TOLERANCE_MS} ms of on", delta <= QUIET_TOLERANCE_MS
+                target, met = f"auto within {QUIET_TOLERANCE_MS} ms of on", worst <= QUIET_TOLERANCE_MS
             else:
                 allowed = max(QUIET_TOLERANCE_MS, noise)
-                target, met = f"auto no worse than off beyond noise ({allowed:.2f} ms)", delta <= allowed
-            out.append(Comparison(condition, precision, f"{a} - {b}", delta, by_round, noise, target, met))
+                target, met = f"auto no worse than off beyond noise ({allowed:.2f} ms)", worst <= allowed
+            out.append(Comparison(condition, precision, f"{a} - {b}", delta, by_round, median_delta,
+                                  medians_by_round, noise, target, met))
     return out
 
 
@@ -268,14 +274,18 @@ def markdown(report: SpinningReport) -> str:
             f"{statistics.median(s.backbone_by_round):.2f} | {statistics.median(s.p95_by_round):.2f} | {share} | "
             f"{', '.join(f'{v:.2f}' for v in s.medians_by_round)} | "
             f"{'; '.join(f'{a:.2f}/{b:.2f}' for a, b in s.loadavg_by_round)} |")
-    lines += ["", "Paired block by block (within a round: the median over blocks of the difference between adjacent "
-              "blocks' medians; then the median over rounds; end to end, ms; noise = median absolute deviation of "
-              "the reference mode's median over rounds):", "",
-              "| condition | precision | difference | ms | by round | noise | target | |", "|---|---|---|---:|---|---:|---|---|"]
+    lines += ["", "Differences, end to end, ms, two ways: block-paired (within a round the median over blocks of the "
+              "difference between adjacent blocks' medians) and of the modes' medians in the same process; each "
+              "the median over rounds, then per round. Noise: median absolute deviation of the reference mode's "
+              "median over rounds. A target is met only when both are within it.", "",
+              "| condition | precision | difference | block-paired | by round | of medians | by round | noise | target | |",
+              "|---|---|---|---:|---|---:|---|---:|---|---|"]
     for c in report.comparisons:
         verdict = "" if c.target == "for scale" else ("met" if c.met else "**missed**")
         lines.append(f"| {c.condition} | {c.precision} | {c.what} | {c.paired_delta_ms:+.2f} | "
-                     f"{', '.join(f'{d:+.2f}' for d in c.deltas_by_round)} | {c.noise_ms:.2f} | {c.target} | {verdict} |")
+                     f"{', '.join(f'{d:+.2f}' for d in c.deltas_by_round)} | {c.median_delta_ms:+.2f} | "
+                     f"{', '.join(f'{d:+.2f}' for d in c.median_deltas_by_round)} | {c.noise_ms:.2f} | "
+                     f"{c.target} | {verdict} |")
     if report.memory:
         lines += ["", "Memory: the rise of a process's resident memory (VmRSS) from before `Detector.open` to after 60 "
                   "frames, one detector per process:", "", "| precision | off | auto | the spinning session |",
@@ -333,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomic(args.markdown, markdown(report))
     for c in report.comparisons:
         if c.target != "for scale":
-            print(f"{c.condition:9s} {c.precision} {c.what}: {c.paired_delta_ms:+.2f} ms (noise {c.noise_ms:.2f}; "
-                  f"{c.target}: {'met' if c.met else 'MISSED'})")
+            print(f"{c.condition:9s} {c.precision} {c.what}: {c.paired_delta_ms:+.2f} ms block-paired, "
+                  f"{c.median_delta_ms:+.2f} of medians (noise {c.noise_ms:.2f}; {c.target}: "
+                  f"{'met' if c.met else 'MISSED'})")
     print(f"wrote {args.out} and {args.markdown} in {time.perf_counter() - started:.0f} s")
     return 0
 
