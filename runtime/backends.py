@@ -138,10 +138,11 @@ class OrtBackend:
             # The spinning session (run_spinning, for a caller that owns the machine): the intra-op threads
             # busy-wait between the ops of a run and stop as soon as it returns, so the stages after it get
             # the cores. Measured (benchmarks/bench_spinning.py, results/latency_spinning.md, 2 cores):
-            # quiet, end to end FP32 7.08 -> 6.39 ms (backbone 3.57 -> 2.88), INT8 6.11 -> 5.53 (2.64 ->
-            # 2.06); with a busy process on one core the runs turn bimodal (FP32 median 8.29 against 9.36
-            # ms, p95 12.3 against 10.3); with both cores loaded by other work (an earlier row-by-row run,
-            # load 3.5-4) 5-10 ms slower outright: hence the governor ("auto", runtime/spin_governor.py).
+            # quiet, end to end FP32 7.11 -> 6.35 ms (backbone 3.56 -> 2.85), INT8 6.13 -> 5.57 (2.63 ->
+            # 2.06); with a busy process on one core the runs turn bimodal (FP32 median 8.47 against 9.62
+            # ms, p95 15.6 against 10.8; one INT8 round 3.8 ms slower outright), and with both cores loaded
+            # by other work (an earlier row-by-row run, load 3.5-4) 5-10 ms slower: hence the governor
+            # ("auto", runtime/spin_governor.py).
             options.add_session_config_entry("session.force_spinning_stop", "1")
         # Quiet: warnings about unused initialisers etc. are not the user's concern.
         options.log_severity_level = 3

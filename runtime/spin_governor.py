@@ -4,8 +4,9 @@ ONNX Runtime's intra-op threads can busy-wait between the ops of a run (``allow_
 run returns: ``force_spinning_stop``). When the detector owns the machine that saves 0.5-0.7 ms of a 2.5-3.5 ms
 backbone; when another process holds one of the cores, the spinning thread fights it for that core and the
 runs turn bimodal: most as fast as when quiet, some 3-5x slower (results/latency_spinning.md, a busy process
-beside it: FP32 median 8.29 against 9.36 ms, but p95 12.3 against 10.3); with both cores loaded by other
-work (an earlier row-by-row run of bench_spinning.py, load 3.5-4) spinning was 5-10 ms slower outright.
+beside it: FP32 median 8.47 against 9.62 ms, but p95 15.6 against 10.8; in one INT8 round 3.8 ms slower
+outright); with both cores loaded by other work (an earlier row-by-row run of bench_spinning.py, load
+3.5-4) spinning was 5-10 ms slower.
 
 :class:`SpinGovernor` decides frame by frame from the frames' own wall times (the whole single-stream call,
 per image: under contention spinning also slows the stages after the backbone -- the exact index's split
@@ -85,8 +86,8 @@ class SpinPolicy:
     # Spinning's typical time this far above its quiet level raises the alarm. Quiet runs vary by ~5 %
     # (p90/p50 1.03 on BSData); contention lifts the typical time 1.5-2x.
     slow_ratio: float = 1.3
-    # A probe must beat the plain session by this fraction. Quiet, spinning makes a frame 8-11 % faster
-    # (BSData: FP32 6.9 -> 6.2 ms, INT8 6.0 -> 5.5); under contention the two sessions' averages come within
+    # A probe must beat the plain session by this fraction. Quiet, spinning makes a frame 9-11 % faster
+    # (BSData: FP32 7.11 -> 6.35 ms, INT8 6.13 -> 5.57); under contention the two sessions' averages come within
     # a few per cent of each other, and flipping between them then costs more than either: the first run
     # after a switch of session is ~1 ms slower (its pool's thread wakes up, its weights are out of cache;
     # measured, FP32, 2 cores).
