@@ -11,7 +11,10 @@ Rows (``--rows``):
 - ``baseline-fp32``: the code at ``--baseline`` (default: where this branch left ``main``, ``git merge-base
   HEAD main``; on ``main`` itself pass the commit to compare with), checked out into a temporary ``git
   worktree`` (removed afterwards);
-- ``current-fp32``: this checkout;
+- ``current-default``: this checkout with ``DetectorOptions()``'s precision (nothing asked: ort-cpu runs the
+  bundle's CPU INT8 graph when it ships one with its own threshold, else float32; the row's description
+  names the graph) -- the CPU default path the target is about;
+- ``current-fp32``: this checkout, float32 asked for by name;
 - ``current-int8``: this checkout with ``DetectorOptions(precision="int8")`` (the bundle's INT8 graph); a
   code or bundle without one is reported as skipped, with the reason.
 
@@ -40,6 +43,7 @@ import json
 import os
 import shutil
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -66,7 +70,7 @@ from pcedge.runtime.files import write_text_atomic  # noqa: E402
 
 TARGET_MS = 6.0
 STAGES = ("preprocess", "backbone", "index", "scoring")
-ROWS = ("baseline-fp32", "current-fp32", "current-int8")
+ROWS = ("baseline-fp32", "current-default", "current-fp32", "current-int8")
 WORKER = Path(__file__).resolve().parent / "latency_worker.py"
 
 
@@ -109,7 +113,7 @@ VARIANTS = {
 class Row:
     name: str  # e.g. current-fp32, or current-fp32/ort-spinning for a thread variant
     code: str  # baseline | current
-    precision: str  # fp32 | int8
+    precision: str  # default | fp32 | int8
     variant: str
 
 
@@ -127,7 +131,10 @@ class RowSummary:
     index_kind: str
     median_ms: float | None  # headline round: wall time per run_frames call, decode excluded
     p95_ms: float | None
-    meets_target: bool | None  # median <= TARGET_MS
+    # The median of the rounds' medians <= TARGET_MS: the headline round alone is the least disturbed one, so
+    # the target is judged on the typical round.
+    meets_target: bool | None
+    median_of_rounds_ms: float | None
     stages_p50_ms: dict[str, float]
     headline_round: int | None
     medians_by_round: list[float]
@@ -234,6 +241,7 @@ def summarise(rows: list[Row], rounds: list[dict]) -> list[RowSummary]:
         if not ran:
             summary.append(RowSummary(**common, status=first.get("status", "skipped"), reason=first.get("reason", ""),
                                       description="", index_kind="", median_ms=None, p95_ms=None, meets_target=None,
+                                      median_of_rounds_ms=None,
                                       stages_p50_ms={}, headline_round=None, medians_by_round=[]))
             continue
         medians = [rec["per_image_ms"]["p50"] for _, rec in ran]
@@ -241,7 +249,8 @@ def summarise(rows: list[Row], rounds: list[dict]) -> list[RowSummary]:
         summary.append(RowSummary(
             **common, status="ran", reason="", description=best["description"], index_kind=best["index_kind"],
             median_ms=best["per_image_ms"]["p50"], p95_ms=best["per_image_ms"]["p95"],
-            meets_target=best["per_image_ms"]["p50"] <= TARGET_MS,
+            meets_target=float(statistics.median(medians)) <= TARGET_MS,
+            median_of_rounds_ms=float(statistics.median(medians)),
             stages_p50_ms={s: best["stages_ms"][s]["p50"] for s in STAGES}, headline_round=best_i + 1,
             medians_by_round=medians, paired_delta_ms=paired_deltas(row, rounds)))
     return summary
@@ -279,21 +288,24 @@ def markdown(report: LatencyReport) -> str:
         f"with `python benchmarks/bench_latency.py`). Baseline `{report.baseline_ref}` = "
         f"{short(report.baseline_commit)}; current {short(report.current_commit)}. Images: {report.images}. "
         f"{report.repeats} timed images per row and round, {len(report.rounds)} interleaved rounds; headline = the "
-        f"round with the lowest median.",
+        f"round with the lowest median; the target is judged on the median of the rounds' medians.",
         "",
-        "Milliseconds per image (median of the headline round; stages are medians of their own).",
+        "Milliseconds per image (median of the headline round; stages are medians of their own; the median "
+        "of rounds is the median of every round's median).",
         "",
-        "| row | commit | median | p95 | preprocess | backbone | index | scoring | target |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| row | commit | median | p95 | preprocess | backbone | index | scoring | median of rounds | target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for s in report.summary:
         if s.status != "ran":
-            lines.append(f"| {s.row} | {short(s.commit)} | – | – | – | – | – | – | skipped: {s.reason} |")
+            lines.append(f"| {s.row} | {short(s.commit)} | – | – | – | – | – | – | – | skipped: {s.reason} |")
             continue
         st = s.stages_p50_ms
         lines.append(f"| {s.row} | {short(s.commit)} | **{s.median_ms:.2f}** | {s.p95_ms:.2f} | {st['preprocess']:.2f} | "
-                     f"{st['backbone']:.2f} | {st['index']:.2f} | {st['scoring']:.2f} | "
-                     f"{'met' if s.meets_target else 'missed'} ({s.median_ms:.2f} vs {report.target_ms:.0f}) |")
+                     f"{st['backbone']:.2f} | {st['index']:.2f} | {st['scoring']:.2f} | {s.median_of_rounds_ms:.2f} | "
+                     f"{'met' if s.meets_target else 'missed'} ({s.median_of_rounds_ms:.2f} vs {report.target_ms:.0f}) |")
+    lines += ["", "What each row ran (the detector's description):", ""]
+    lines += [f"- {s.row}: {s.description}" for s in report.summary if s.status == "ran"]
     base = next((s for s in report.summary if s.row == "baseline-fp32" and s.status == "ran"), None)
     if base is not None:
         lines += ["", "Per stage, before -> after (ms, median):", "",
@@ -389,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         st = s.stages_p50_ms
         print(f"{s.row:28s} {short(s.commit):18s} {s.median_ms:7.2f} {s.p95_ms:7.2f}  {st['preprocess']:10.2f} "
-              f"{st['backbone']:8.2f} {st['index']:6.2f} {st['scoring']:7.2f}  {'met' if s.meets_target else 'MISSED':>6s}")
+              f"{st['backbone']:8.2f} {st['index']:6.2f} {st['scoring']:7.2f}  {'met' if s.meets_target else 'MISSED':>6s} "
+              f"(median of rounds {s.median_of_rounds_ms:.2f})")
     print(f"wrote {args.out} and {args.markdown}")
     return 0
 

@@ -89,7 +89,10 @@ def open_detector(args: argparse.Namespace, bundle: Path):
 
     # The fp32 row asks for float32 by name where ort-cpu's default is the INT8 graph (code with
     # backends.cpu_default); older code (the baseline tree) runs float32 by default and may not know "fp32".
+    # "default" asks for nothing: what DetectorOptions() runs on ort-cpu (the CPU INT8 graph when the bundle
+    # ships it with its own threshold, else float32).
     precision = args.precision if args.precision != "fp32" or hasattr(backends, "cpu_default") else None
+    precision = None if precision == "default" else precision
     options = DetectorOptions(backend="ort-cpu", index=args.index, threads=args.threads, precision=precision)
     if args.blas_threads != "default":
         options.blas_threads = None if args.blas_threads == "none" else int(args.blas_threads)
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where this code exports its own bundle if it cannot open --bundle")
     parser.add_argument("--data", type=Path, required=True, help="MVTec-layout category: test/ frames, train/ export")
     parser.add_argument("--frames", type=int, default=80, help="test frames decoded once and cycled through")
-    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    parser.add_argument("--precision", choices=("default", "fp32", "int8"), default="fp32",
+                        help="default: no precision asked (DetectorOptions' default)")
     parser.add_argument("--index", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--blas-threads", default="default", help="'default' (the runtime's), 'none' or N")
