@@ -139,7 +139,7 @@ def run_category(name: str, data: Path, args, work: Path, bench: AccuracyBenchma
         bank_images = report.n_train_images
         for index in ("exact", "hnsw"):
             print(f"[{name}] evaluate coreset {label}, {index} index", flush=True)
-            with Detector.open(out, backend="ort-cpu", index=index, threads=args.threads) as detector:
+            with Detector.open(out, backend="ort-cpu", index=index, threads=args.threads, precision="fp32") as detector:
                 metrics, _, ms, _ = evaluate(detector, category, args.pixel_size, batch=8, progress=False)
             bench.rows.append(row_from(metrics, name, "pcedge", label, report.manifest.memory_bank.n, index, ms))
             print(f"    {bench.rows[-1]}", flush=True)

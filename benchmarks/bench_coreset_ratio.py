@@ -178,7 +178,7 @@ def run_dataset(spec: DatasetSpec, ratios: tuple[float, ...], args) -> DatasetRe
     backends = {r: open_backend("ort-cpu", bundles[r if not same_model else ratios[0]], threads=args.threads)
                 for r in (ratios if not same_model else ratios[:1])}
     exact = {r: Detector(bundles[r], backends[r if not same_model else ratios[0]],
-                         DetectorOptions(backend="ort-cpu", index="exact", threads=args.threads, verify_checksums=False))
+                         DetectorOptions(backend="ort-cpu", index="exact", threads=args.threads, verify_checksums=False, precision="fp32"))
              for r in ratios}
     accumulators = {r: AccuracyAccumulator() for r in ratios}
     seen_regions = SeenRegions(first.manifest.input.geometry)
@@ -219,7 +219,7 @@ def run_dataset(spec: DatasetSpec, ratios: tuple[float, ...], args) -> DatasetRe
         delta, ci = paired_auroc_delta(labels, np.array([rec.score for rec in accumulators[r].records]), reference)
         result.pixel_resolution = metrics.pixel_resolution
         hnsw = Detector(bundles[r], backends[r if not same_model else ratios[0]],
-                        DetectorOptions(backend="ort-cpu", index="hnsw", threads=args.threads, verify_checksums=False))
+                        DetectorOptions(backend="ort-cpu", index="hnsw", threads=args.threads, verify_checksums=False, precision="fp32"))
         exact_ms, _ = time_index(exact[r], timing_embeddings, args.timing_repeats)
         hnsw_ms, rescored = time_index(hnsw, timing_embeddings, args.timing_repeats)
         bank = bundles[r].manifest.memory_bank

@@ -120,7 +120,7 @@ def embeddings_of(bundle: Path, n_images: int, threads: int) -> tuple[np.ndarray
 
     paths = sorted(list_images(BSDATA / "test" / "good")) + sorted(list_images(BSDATA / "test" / "pitting"))
     paths = paths[:: max(1, len(paths) // n_images)][:n_images]
-    with Detector.open(bundle, DetectorOptions(backend="ort-cpu", index="exact", threads=threads)) as detector:
+    with Detector.open(bundle, DetectorOptions(backend="ort-cpu", index="exact", threads=threads, precision="fp32")) as detector:
         embeddings = [detector.embed(to_tensor([fit_geometry(read_image(p), detector.geometry)[0]]))[0] for p in paths]
         return np.stack(embeddings), detector.bank
 
@@ -220,7 +220,7 @@ def map_accuracy(bundle: Path, threads: int) -> list[MapAccuracyRow]:
     rows = []
     for name, index, ef in (("exact", "exact", None), ("hnsw ef 8", "hnsw", 8), ("hnsw ef 4", "hnsw", 4)):
         acc = AccuracyAccumulator(256)  # pixel metrics at longer side <= 256, as bench_vs_peer.py
-        with Detector.open(bundle, DetectorOptions(backend="ort-cpu", index=index, ef=ef, threads=threads)) as detector:
+        with Detector.open(bundle, DetectorOptions(backend="ort-cpu", index=index, ef=ef, threads=threads, precision="fp32")) as detector:
             seen = SeenRegions(detector.geometry)
             for item in category.test:
                 frame = read_image(item.path)

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             keep = np.sort(np.random.default_rng(0).permutation(len(paths))[: args.max_test])
             paths, labels = [paths[i] for i in keep], labels[keep]
         frames = [read_image(p) for p in paths]
-        with Detector.open(bundle, backend="ort-cpu", index="exact") as det:
+        with Detector.open(bundle, backend="ort-cpu", index="exact", precision="fp32") as det:
             tensors = []
             for i in range(0, len(frames), 8):
                 from pcedge.runtime.preprocess import fit_geometry, to_tensor
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             report.rows.append(Row(data.name, "exact", None, 0.0, 0.0, round(auroc(labels, ref), 3), exact_ms))
         for ef in args.ef:
             for rescore in (False, True):
-                with Detector.open(bundle, backend="ort-cpu", index="hnsw", ef=ef, rescore=rescore) as det:
+                with Detector.open(bundle, backend="ort-cpu", index="hnsw", ef=ef, rescore=rescore, precision="fp32") as det:
                     rows, ms, rescored = [], 0.0, []
                     for i in range(len(frames)):
                         r = det.score_embeddings(embeddings[i : i + 1], placements[i : i + 1])[0]

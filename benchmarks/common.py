@@ -178,10 +178,14 @@ class ScoredCategory:
 def score_category(bundle: Path, category, pixel_size: int = 256, threads: int = 2, index: str = "exact",
                    batch: int = 8) -> ScoredCategory:
     """Every test image of ``category`` through the bundle's detector (ONNX Runtime CPU): metrics at the
-    calibrated threshold, per-image records, and the ring (0 = outer) of each image's highest patch."""
+    calibrated threshold, per-image records, and the ring (0 = outer) of each image's highest patch.
+
+    Float32 by name (``precision="fp32"``): these benchmarks measure the method beside the paper and its peers,
+    which compute in float32; ort-cpu's default, the CPU INT8 graph at its own threshold, is measured by
+    ``bench_int8.py --default`` (results/int8_default.md). The other method benchmarks ask for float32 too."""
     from pcedge.runtime.detector import Detector
 
-    with Detector.open(bundle, backend="ort-cpu", index=index, threads=threads) as detector:
+    with Detector.open(bundle, backend="ort-cpu", index=index, threads=threads, precision="fp32") as detector:
         return score_detector(detector, category, pixel_size, batch)
 
 

@@ -97,3 +97,26 @@ def test_spinning_worker_interleaves_the_modes_in_blocks(tmp_path, fixture_bundl
     assert record["modes"]["on"]["spin"]["runs"] == {"plain": 0, "spinning": 8}
     assert record["modes"]["auto"]["spin"]["governor"]["plain_runs"] == 8  # measures the plain session first
     assert record["rss_mb_after"] > record["rss_mb_before_open"] > 0
+
+
+def test_the_default_row_runs_what_detector_options_run_by_default(tmp_path, fixture_bundle, bundle_factory):
+    """``--precision default`` (bench_latency's current-default row) asks for no precision: on a bundle whose CPU
+    INT8 graph shipped with its own threshold that is model_int8_cpu.onnx; on a float32-only bundle model.onnx.
+    ``--precision fp32`` runs model.onnx on either."""
+    from test_int8 import FAST
+
+    int8_bundle = bundle_factory("bsd_int8", **FAST, int8_tolerance=0.5).bundle
+    ran = {}
+    for name, bundle, precision in (("int8-default", int8_bundle, "default"), ("int8-fp32", int8_bundle, "fp32"),
+                                    ("fp32-default", fixture_bundle, "default")):
+        out = tmp_path / f"{name}.json"
+        done = subprocess.run([sys.executable, str(WORKER), "--tree", str(ROOT), "--bundle", str(bundle),
+                               "--data", str(BSD), "--precision", precision, "--repeats", "2", "--warmup", "1",
+                               "--frames", "2", "--out", str(out)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        record = json.loads(out.read_text())
+        assert record["status"] == "ran", record
+        ran[name] = record["description"]
+    assert "model_int8_cpu.onnx: INT8, the ort-cpu default" in ran["int8-default"]
+    assert "model.onnx: float32 (--precision fp32)" in ran["int8-fp32"]
+    assert "model.onnx: float32: the bundle has no ONNX Runtime CPU INT8 graph" in ran["fp32-default"]
